@@ -1,0 +1,367 @@
+"""Qwen3 from scratch: the decoder, its KV cache, weight loading and the chat prompt.
+
+The architecture, per layer (Qwen3 technical report; same as Llama with two changes marked *):
+
+    x = x + Attention(RMSNorm(x))         grouped-query attention, RoPE on q and k,
+                                          * per-head RMSNorm on q and k before RoPE, no biases
+    x = x + MLP(RMSNorm(x))               SwiGLU: down(silu(gate(x)) * up(x))
+
+then a final RMSNorm and the LM head (tied to the token embedding or not, as config.json says).
+
+Module names are the checkpoint's names (model.layers.0.self_attn.q_proj, ...) so weights load with
+load_state_dict(strict=True) and no renaming table. transformers is never imported here: the tests check
+this file against it, logit for logit.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass, fields
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a flag, a file). Scripts print it as a one-line error and exit."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: field names are the Hugging Face config.json names, so Config(**json) needs no translation.
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128                 # from the config, NOT hidden_size // num_heads (0.6B: 16 x 128 != 1024)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0     # 5e6 for Qwen3-4B-Instruct-2507
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 40960
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a config.json dict; reject anything that is not a plain Qwen3 decoder."""
+        if d.get("model_type") != "qwen3":
+            raise UserError(f"config.json has model_type {d.get('model_type')!r}; this code runs Qwen3 decoders "
+                            "(model_type 'qwen3') only")
+        d = dict(d)
+        # transformers >= 5 writes rope_theta inside rope_parameters; the hub's Qwen3 configs have it at the top.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise UserError(f"RoPE type {rope.get('rope_type')!r} is not supported (plain RoPE only)")
+        if "rope_theta" in rope:
+            d.setdefault("rope_theta", rope["rope_theta"])
+        if d.get("attention_bias"):
+            raise UserError("config.json asks for attention biases; Qwen3 has none")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The blocks.
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 and cast back before the weight (as Qwen3 does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE tables for the positions in use: angle(p, i) = p / theta^(2i / D), halves concatenated."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
+    angles = positions.float()[..., None] * inv_freq          # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)              # (B, T, D)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]   # (B, 1, T, D): broadcast over heads
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+D/2}) pair by its angle: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: num_attention_heads query heads share num_key_value_heads key/value heads."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)   # per head, on q and k only, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)     # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this step's keys/values into the cache, attend over everything so far
+            k_cache, v_cache = kv
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        # softmax(q k^T / sqrt(D) + mask) v, each key/value head serving n_heads / n_kv query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Decoder(nn.Module):
+    """The transformer body; named `model` inside Qwen3 to match the checkpoint's `model.` prefix."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (B, Hkv, max_len, D), filled left to right.
+
+    One position counter `len` for the whole batch: prompts are left-padded so every row writes the same slot
+    each step. `valid` (B, max_len) marks the slots holding real tokens, so padding is never attended to.
+    """
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                   for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.len = 0
+
+    def select(self, rows):
+        """Keep (or repeat) the given batch rows, e.g. to copy a prefilled prompt to N samples, or to drop
+        finished sequences so their compute stops."""
+        self.kv = [(k[rows], v[rows]) for k, v in self.kv]
+        self.valid = self.valid[rows]
+
+
+class Qwen3(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, ids, valid=None, positions=None, cache=None, last_only=False):
+        """Logits for a batch of token ids (B, T).
+
+        valid: (B, T) bool, False at padding (default: all True). positions: (B, T) RoPE positions (default: the
+        count of real tokens before each one, so a left-padded row starts at 0 as if it had no padding).
+        cache: a KVCache to read and extend (generation); None for a plain causal pass (training).
+        last_only: return logits of the last position only, (B, V): the LM head is the costliest matmul at
+        151,936 words, and generation needs only the next token.
+        """
+        B, T = ids.shape
+        if valid is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        if positions is None:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+
+        start = cache.len if cache is not None else 0
+        if cache is not None:
+            cache.valid[:, start:start + T] = valid
+            keys_valid = cache.valid[:, :start + T]
+        else:
+            keys_valid = valid
+        # Query at slot start+i sees keys at slots <= start+i that hold real tokens. A padding query also sees
+        # itself, so its softmax row is never empty (an all-masked row gives NaN, and NaN leaks through 0 * NaN).
+        q_slot = torch.arange(start, start + T, device=ids.device)[:, None]
+        k_slot = torch.arange(start + T, device=ids.device)[None, :]
+        mask = (k_slot <= q_slot) & keys_valid[:, None, :] | (k_slot == q_slot)   # (B, T, start+T)
+        mask = mask[:, None]                                                        # (B, 1, T, start+T)
+
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache.kv[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.len += T
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.model.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: a local directory or a hub id; safetensors only, sharded or not.
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(name_or_path, allow_patterns=None):
+    """A local directory as is, else a Hugging Face hub id downloaded (or taken from the cache)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if not HUB_ID.match(name_or_path):
+        raise UserError(f"model not found: {name_or_path!r} is neither a local directory nor a hub id "
+                        "like 'Qwen/Qwen3-0.6B'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError
+    try:
+        return snapshot_download(name_or_path, allow_patterns=allow_patterns)
+    except RepositoryNotFoundError:
+        raise UserError(f"no model {name_or_path!r} on the Hugging Face hub (check the id, or pass a local "
+                        "directory)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise UserError(f"cannot download {name_or_path!r}: the Hugging Face hub is unreachable and it is not "
+                        f"in the local cache ({type(e).__name__}); pass a local model directory instead") from None
+
+
+def load_model(name_or_path, dtype=torch.float32, device="cpu"):
+    """Build Qwen3 from config.json and load its safetensors weights (one file or an index of shards)."""
+    path = resolve(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    config_file = os.path.join(path, "config.json")
+    if not os.path.exists(config_file):
+        raise UserError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    with open(config_file) as f:
+        cfg = Qwen3Config.from_dict(json.load(f))
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{path} has no model.safetensors (or index); only safetensors weights are supported")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:   # usually no lm_head.weight is saved:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]        # it is the embedding
+
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"weights in {path} do not fit a Qwen3 of its config.json: {str(e).splitlines()[1]}") from None
+    if cfg.tie_word_embeddings:   # assign=True replaced the parameter objects: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.name_or_path = name_or_path
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and chat prompt.
+
+
+class ChatTokenizer:
+    """tokenizer.json through `tokenizers`, plus the model's own chat template and stop tokens."""
+
+    def __init__(self, name_or_path):
+        path = resolve(name_or_path, allow_patterns=["*.json", "tokenizer*"])
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            raise UserError(f"{path} has no tokenizer.json")
+        self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        config = read_json(os.path.join(path, "tokenizer_config.json"))
+        template = config.get("chat_template")
+        if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+            with open(os.path.join(path, "chat_template.jinja")) as f:
+                template = f.read()
+        if template is None:
+            raise UserError(f"{path} defines no chat template (tokenizer_config.json or chat_template.jinja)")
+        # The environment transformers renders templates in: sandboxed, trim_blocks and lstrip_blocks on.
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        env.globals["raise_exception"] = _raise_template_error
+        self.template = env.from_string(template)
+        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+        # Stop tokens: every end-of-sequence id the model's files name (Qwen3: <|im_end|> and <|endoftext|>).
+        stop = set()
+        for name in ("generation_config.json", "config.json"):
+            eos = read_json(os.path.join(path, name)).get("eos_token_id")
+            stop.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.special["eos_token"] is not None:
+            stop.add(self.tok.token_to_id(self.special["eos_token"]))
+        self.stop_ids = sorted(i for i in stop if i is not None)
+        if not self.stop_ids:
+            raise UserError(f"{path} names no end-of-sequence token; generation would never stop")
+        self.pad_id = self.stop_ids[0]   # only fills empty slots; never used to tell padding apart
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def chat(self, messages, enable_thinking=False):
+        """Token ids of a conversation plus the assistant turn's opening, rendered by the model's template.
+
+        enable_thinking=False matters for hybrid models (Qwen3-0.6B...): their template then appends an empty
+        <think></think> block; templates without the switch (Qwen3-4B-Instruct-2507) ignore it.
+        """
+        text = self.template.render(messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking,
+                                    **self.special)
+        return self.encode(text)
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _token_text(tok):
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _raise_template_error(message):
+    raise jinja2.exceptions.TemplateError(message)

@@ -1,0 +1,94 @@
+"""KV-cached batched sampling: the rollouts of calibration RL and the greedy answers of evaluation.
+
+How a batch is generated:
+  1. prompts of different lengths are left-padded into one batch and prefilled once;
+  2. for N samples per prompt the prefilled cache rows are copied N times (the prompt is not recomputed);
+  3. each step samples one token per active row and feeds it back through the cache;
+  4. a row that emits a stop token (or reaches max_new_tokens) leaves the batch: its cache rows are dropped,
+     so its compute stops, not just its growth.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache
+
+
+@dataclass
+class Completion:
+    prompt: int            # index of the prompt it answers
+    ids: list              # generated token ids, the stop token included when one was emitted
+    logprobs: list         # log p(token) of each generated token under the model (temperature 1, no truncation)
+    text: str              # decoded ids, special tokens skipped
+    stopped: bool          # True: ended on a stop token; False: cut at max_new_tokens
+
+
+def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
+    """One token per row of logits (B, V). temperature 0 is greedy; top_k 0 and top_p 1 mean no truncation."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:   # keep the k most likely words
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:   # keep the smallest set of most likely words whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p   # the mass before this word already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    """Sample n completions for each prompt (lists of token ids). Returns len(prompts) * n Completions,
+    prompt-major: the n samples of prompt 0, then those of prompt 1, ...
+
+    tok supplies stop_ids, pad_id and decode (model.ChatTokenizer). Reproducible: same seed, same samples.
+    """
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), tok.pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for i, p in enumerate(prompts):   # left padding: every prompt ends at slot P-1
+        ids[i, P - len(p):] = torch.tensor(p)
+        valid[i, P - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+
+    cache = KVCache(model.cfg, B, P + max_new_tokens, model.lm_head.weight.dtype, device)
+    logits = model(ids, valid, cache=cache, last_only=True)   # (B, V): prefill once per prompt
+    rows = torch.arange(B, device=device).repeat_interleave(n)
+    cache.select(rows)                                         # copy each prompt's cache to its n samples
+    logits = logits[rows]
+    position = valid.sum(-1)[rows]                             # next RoPE position of each row
+    seq = torch.arange(B * n, device=device)                   # which output sequence each active row is
+    stop_ids = torch.tensor(tok.stop_ids, device=device)
+
+    out_ids = [[] for _ in range(B * n)]
+    out_lp = [[] for _ in range(B * n)]
+    for step in range(max_new_tokens):
+        logp = F.log_softmax(logits.float(), dim=-1)
+        token = sample(logp, generator, temperature, top_k, top_p)          # (A,)
+        token_lp = logp.gather(-1, token[:, None]).squeeze(-1)
+        for s, t, lp in zip(seq.tolist(), token.tolist(), token_lp.tolist()):
+            out_ids[s].append(t)
+            out_lp[s].append(lp)
+        if step == max_new_tokens - 1:
+            break
+        done = torch.isin(token, stop_ids)
+        if done.any():   # finished rows leave the batch
+            keep = (~done).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            cache.select(keep)
+            token, position, seq = token[keep], position[keep], seq[keep]
+        logits = model(token[:, None], positions=position[:, None], cache=cache, last_only=True)
+        position = position + 1
+
+    stop_set = set(tok.stop_ids)
+    return [Completion(prompt=s // n, ids=out_ids[s], logprobs=out_lp[s], text=tok.decode(out_ids[s]),
+                       stopped=out_ids[s][-1] in stop_set) for s in range(B * n)]

@@ -1,0 +1,105 @@
+"""Fixtures: tiny random-init Qwen3 models saved by transformers, with a tokenizer trained here.
+
+Nothing is downloaded: the tokenizer is trained on a few sentences, the models are random, and both are
+written as ordinary Hugging Face model directories, so our loader reads them exactly as it reads a real one.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# Qwen3's template for hybrid (thinking / non-thinking) models, tools left out; same constructs as the real one.
+HYBRID_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not message.content.startswith('<tool_response>') %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == "user" or message.role == "system" %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- if '</think>' in content %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+# The Instruct-2507 models' template: no thinking block at all.
+INSTRUCT_TEMPLATE = HYBRID_TEMPLATE.replace("""    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+""", "")
+
+CORPUS = [
+    "Question: What is the capital of France? Answer: Paris. Confidence: 90%",
+    "The quick brown fox jumps over the lazy dog. 0123456789 % . , : ; ! ?",
+    "Who wrote Hamlet? William Shakespeare wrote it. I am not sure, maybe 55%.",
+    "Answer: None. Confidence: 10%. I don't know the answer to that question.",
+]
+
+
+def write_tokenizer(path, template=HYBRID_TEMPLATE, vocab_size=384):
+    """Train a byte-level BPE tokenizer here and save it as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    return tok
+
+
+def write_model(path, tie=True, theta=5_000_000.0, layers=2, seed=0, template=HYBRID_TEMPLATE):
+    """A tiny random Qwen3 with GQA (4 query / 2 kv heads) and heads * head_dim != hidden, as in Qwen3-0.6B."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = write_tokenizer(path, template)
+    cfg = Qwen3Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      rope_theta=theta, tie_word_embeddings=tie, max_position_embeddings=512,
+                      initializer_range=0.2,   # spread-out logits, so greedy argmax has no near-ties
+                      eos_token_id=tok.token_to_id("<|im_end|>"), pad_token_id=tok.token_to_id("<|endoftext|>"))
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg)
+    model.generation_config.eos_token_id = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("tiny_tied"), tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("tiny_untied"), tie=False, theta=10_000.0)
+
+
+def hf_model(path):
+    """The transformers reference for a saved tiny model: fp32, eager attention for an exact comparison."""
+    from transformers import Qwen3ForCausalLM
+    return Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
