@@ -261,6 +261,18 @@ def resolve(name_or_path, allow_patterns=None):
                         f"in the local cache ({type(e).__name__}); pass a local model directory instead") from None
 
 
+def from_state_dict(cfg, state):
+    """Qwen3 holding the given tensors (no copy), checked strictly against the architecture."""
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:   # usually no lm_head.weight is saved:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}  # it is the embedding
+    with torch.device("meta"):   # no memory for random weights that are about to be replaced
+        model = Qwen3(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:   # assign=True replaced the parameter objects: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     """Build Qwen3 from config.json and load its safetensors weights (one file or an index of shards)."""
     path = resolve(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
@@ -281,17 +293,10 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     state = {}
     for name in files:
         state.update(load_file(os.path.join(path, name)))
-    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:   # usually no lm_head.weight is saved:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]        # it is the embedding
-
-    with torch.device("meta"):
-        model = Qwen3(cfg)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model = from_state_dict(cfg, state)
     except RuntimeError as e:
         raise UserError(f"weights in {path} do not fit a Qwen3 of its config.json: {str(e).splitlines()[1]}") from None
-    if cfg.tie_word_embeddings:   # assign=True replaced the parameter objects: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.name_or_path = name_or_path
     return model.to(device=device, dtype=dtype).eval()
 

@@ -11,7 +11,6 @@ How a batch is generated:
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from model import KVCache
 
@@ -29,7 +28,9 @@ def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     """One token per row of logits (B, V). temperature 0 is greedy; top_k 0 and top_p 1 mean no truncation."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k:   # keep the k most likely words
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -39,7 +40,13 @@ def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
         outside = probs.cumsum(-1) - probs >= top_p   # the mass before this word already reaches top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF draw: the first word whose cumulative probability exceeds u ~ U[0, total). Exact, like
+    # torch.multinomial, but ~8x cheaper over 151,936 words on a CPU, where multinomial dominated a decode step.
+    cdf = logits.softmax(-1).cumsum_(-1)                                       # (B, V), in place: V is large
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))     # rounding must not reach total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)                 # zero-probability words never hit
 
 
 @torch.no_grad()
@@ -71,9 +78,9 @@ def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_
     out_ids = [[] for _ in range(B * n)]
     out_lp = [[] for _ in range(B * n)]
     for step in range(max_new_tokens):
-        logp = F.log_softmax(logits.float(), dim=-1)
-        token = sample(logp, generator, temperature, top_k, top_p)          # (A,)
-        token_lp = logp.gather(-1, token[:, None]).squeeze(-1)
+        token = sample(logits, generator, temperature, top_k, top_p)                  # (A,)
+        logits = logits.float()
+        token_lp = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)  # log softmax at token
         for s, t, lp in zip(seq.tolist(), token.tolist(), token_lp.tolist()):
             out_ids[s].append(t)
             out_lp[s].append(lp)

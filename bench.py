@@ -1,0 +1,275 @@
+"""Rollout speed: our KV-cached sampler against transformers' generate(), same random weights, side by side.
+
+The workload is one RL step's sampling: 4 prompts of about 100 tokens, 8 samples each at temperature 1 (no
+top-k / top-p), up to 64 new tokens, KV cache on both sides, both in the same dtype (bf16 by default).
+  fixed:   every sample runs exactly 64 tokens (no stop token), so both sides do the same decode arithmetic;
+  rollout: the stop token's logit is raised in the random model so completions end at spread-out lengths,
+           as real rollouts do; only tokens up to and including each stop token are counted.
+Each (side, workload) runs in a fresh process, so its peak memory is its own. The last two lines are
+`speedup_fixed: X.XX` and `speedup_vs_transformers: X.XX` (the rollout workload).
+
+    python bench.py                         # small Qwen3 body, real 151,936-word vocabulary, ~2 min on 2 CPUs
+    python bench.py --shape 0.6b --device cuda
+"""
+
+import argparse
+import gc
+import multiprocessing as mp
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import Qwen3Config, from_state_dict
+from rollout import generate, sample
+
+SHAPES = {   # Qwen3 config.json fields; all keep the real vocabulary, where much of the cost is
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, rope_theta=1e6),
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, rope_theta=1e6),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, rope_theta=5e6),
+}
+PROMPTS, SAMPLES, NEW_TOKENS, STOP, PAD = 4, 8, 64, 151645, 151643
+
+
+@dataclass
+class Vocab:
+    """What generate() needs of a tokenizer, for random token ids."""
+    stop_ids: list
+    pad_id: int = PAD
+
+    def decode(self, ids):
+        return ""
+
+
+def build(shape, dtype, device, rollout):
+    """The transformers model with seeded random weights (the stop logit raised for the rollout workload)."""
+    from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    cfg = HFConfig(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, **SHAPES[shape])
+    with torch.device(device):
+        hf = Qwen3ForCausalLM(cfg).to(dtype).eval()
+    prompts = build_prompts()
+    if rollout:
+        raise_stop_logit(hf, prompts, device)
+    return hf, prompts
+
+
+def build_prompts():
+    """4 random prompts of about 100 tokens (92 to 108), the same on both sides."""
+    return [torch.randint(0, 151000, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+            for i, n in enumerate([92, 100, 104, 108][:PROMPTS])]
+
+
+@torch.no_grad()
+def raise_stop_logit(hf, prompts, device, target=1 / 24):
+    """Scale the stop token's output row until its mean probability per position is about `target`, so
+    lengths spread over 1..64 (a random model would otherwise almost never stop)."""
+    ids = torch.tensor([prompts[0]], device=device)
+    h = hf.model(input_ids=ids).last_hidden_state[0].float()            # (T, hidden), after the final norm
+    logits = h @ hf.lm_head.weight.float().T
+    z = logits[:, STOP]
+    rest = torch.cat([logits[:, :STOP], logits[:, STOP + 1:]], -1).logsumexp(-1)
+    scales = torch.logspace(0, 3, 200)
+    p = torch.stack([torch.sigmoid(k * z - rest).mean() for k in scales])
+    hf.lm_head.weight[STOP] *= scales[(p - target).abs().argmin()].item()
+
+
+def padded(prompts, device):
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), PAD)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+def reset_peak(device):
+    """Start peak-memory accounting afresh, after the model is built (building it peaks higher)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: '5' resets the process's peak RSS (VmHWM)
+            f.write("5")
+
+
+def memory_mb(device, peak):
+    """Current or peak memory: allocated CUDA memory, or the process's resident set on a CPU."""
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
+    with open("/proc/self/status") as f:
+        return int(re.search(r"%s:\s+(\d+)" % ("VmHWM" if peak else "VmRSS"), f.read()).group(1)) / 1024   # KiB
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(side, workload, shape, dtype, device, queue):
+    """One (side, workload) in its own process: tokens/s, peak memory, and (ours) where the time goes."""
+    torch.set_num_threads(torch.get_num_threads())
+    rollout = workload == "rollout"
+    hf, prompts = build(shape, dtype, device, rollout)
+    stop = [STOP] if rollout else []
+    if side == "ours":
+        model = from_state_dict(Qwen3Config.from_dict(hf.config.to_dict()), hf.state_dict()).eval()
+        del hf
+
+        def run(seed):
+            out = generate(model, Vocab(stop), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=seed)
+            return [len(c.ids) for c in out]
+    else:
+        ids, mask = padded(prompts, device)
+
+        def run(seed):
+            torch.manual_seed(seed)
+            out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, num_return_sequences=SAMPLES, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=0 if rollout else NEW_TOKENS, eos_token_id=stop or None,
+                              pad_token_id=PAD)[:, ids.shape[1]:].tolist()
+            return [row.index(STOP) + 1 if STOP in row else len(row) for row in out]
+
+    run(seed=1)                                   # warm-up: thread pools, allocator, kernels
+    sync(device)
+    gc.collect()
+    reset_peak(device)                            # the peak of the timed run alone
+    base = memory_mb(device, peak=False)
+    t = time.perf_counter()
+    lengths = run(seed=2)
+    sync(device)
+    seconds = time.perf_counter() - t
+    result = dict(tokens=sum(lengths), seconds=seconds, mean_len=sum(lengths) / len(lengths),
+                  peak_mb=memory_mb(device, peak=True), base_mb=base)
+    if side == "ours" and not rollout:
+        result["parts"] = time_parts(model, prompts, device)
+    queue.put(result)
+
+
+@torch.no_grad()
+def time_parts(model, prompts, device):
+    """Where the fixed workload's time goes: forward passes timed by hooks inside a real run (prefill apart
+    from decode steps); the rest of the loop is log-softmax, sampling and Python. Sampling alone is timed
+    separately on a batch of logits of the same shape."""
+    spent = {"prefill": 0.0, "decode": 0.0}
+    began = []
+
+    def before(module, args, kwargs):
+        sync(device)
+        began.append(time.perf_counter())
+
+    def after(module, args, kwargs, out):
+        sync(device)
+        spent["prefill" if args[0].shape[1] > 1 else "decode"] += time.perf_counter() - began.pop()
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    sync(device)
+    t = time.perf_counter()
+    generate(model, Vocab([]), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=3)
+    sync(device)
+    spent["total"] = time.perf_counter() - t
+    for h in hooks:
+        h.remove()
+
+    logits = torch.randn(PROMPTS * SAMPLES, 151936, dtype=model.lm_head.weight.dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    step = lambda: sample(logits, g)
+    step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        step()
+    sync(device)
+    spent["sampling"] = NEW_TOKENS * (time.perf_counter() - t) / 20
+    return spent
+
+
+def machine(dtype, device):
+    """Memory bandwidth (a large copy: bytes read + written) and peak matmul throughput in `dtype`."""
+    a = torch.empty(2**28 // 4, dtype=torch.float32, device=device)   # 256 MiB
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    sync(device)
+    bandwidth = 5 * 2 * a.numel() * 4 / (time.perf_counter() - t)
+    n = 2048 if device == "cpu" else 8192
+    x, y = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    x @ y
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(3):
+        x @ y
+    sync(device)
+    return bandwidth, 3 * 2 * n**3 / (time.perf_counter() - t)
+
+
+def roofline(shape, cache_len, dtype, bandwidth, flops):
+    """Time of one decode step at its limits: weights and KV cache read once, arithmetic at peak."""
+    c = Qwen3Config(vocab_size=151936, **SHAPES[shape])
+    size = torch.finfo(dtype).bits // 8
+    per_layer = (c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+                 + 3 * c.hidden_size * c.intermediate_size)
+    params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size     # the matmuls; the LM head
+    rows = PROMPTS * SAMPLES
+    kv = rows * c.num_hidden_layers * 2 * c.num_key_value_heads * cache_len * c.head_dim
+    attention = rows * c.num_hidden_layers * 4 * c.num_attention_heads * cache_len * c.head_dim
+    return max((params + kv) * size / bandwidth, (2 * params * rows + attention) / flops)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=SHAPES, default="small",
+                   help="model shape: 'small' fits 2 CPU cores; '0.6b' and '4b' are the real Qwen3 shapes")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of both sides (bf16 matmuls are ~4x faster than fp32 on our CPUs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    bandwidth, flops = machine(dtype, args.device)
+    print(f"machine: {args.device}, {torch.get_num_threads()} threads; memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"{args.dtype} matmul {flops / 1e12:.2f} TFLOP/s")
+    print(f"model: Qwen3 '{args.shape}' shape, vocab 151936, {args.dtype}; {PROMPTS} prompts x {SAMPLES} samples, "
+          f"up to {NEW_TOKENS} new tokens, temperature 1")
+    ctx = mp.get_context("spawn")
+    results = {}
+    for workload in ("fixed", "rollout"):
+        for side in ("ours", "transformers"):   # one process each: separate peak memory, no shared warm state
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure, args=(side, workload, args.shape, dtype, args.device, queue))
+            proc.start()
+            results[side, workload] = r = queue.get()
+            proc.join()
+            print(f"{workload:8s} {side:13s} {r['tokens']:5d} tokens (mean length {r['mean_len']:4.1f}) "
+                  f"in {r['seconds']:6.2f} s = {r['tokens'] / r['seconds']:7.1f} tokens/s; "
+                  f"peak memory {r['peak_mb']:7.0f} MB ({r['peak_mb'] - r['base_mb']:+.0f} MB over the run's start)")
+
+    parts = results["ours", "fixed"]["parts"]
+    rest = parts["total"] - parts["prefill"] - parts["decode"]
+    print(f"where our fixed run's time goes ({parts['total']:.2f} s, timed inside the run): prefill "
+          f"{parts['prefill']:.3f} s; {NEW_TOKENS} decode forwards {parts['decode']:.2f} s; sampling, log-probs "
+          f"and Python {rest:.2f} s, of which sampling alone ~{parts['sampling']:.2f} s")
+    cache_len = max(map(len, build_prompts())) + NEW_TOKENS // 2
+    roof = roofline(args.shape, cache_len, dtype, bandwidth, flops)
+    step = parts["decode"] / NEW_TOKENS
+    print(f"roofline of one decode step (batch {PROMPTS * SAMPLES}, cache {cache_len}): {roof * 1e3:.2f} ms; our decode "
+          f"forward takes {step * 1e3:.2f} ms ({roof / step:.0%} of roofline), "
+          f"{parts['total'] / NEW_TOKENS * 1e3:.2f} ms with sampling and overhead ({roof * NEW_TOKENS / parts['total']:.0%})")
+
+    def tps(side, workload):
+        r = results[side, workload]
+        return r["tokens"] / r["seconds"]
+    print(f"speedup_fixed: {tps('ours', 'fixed') / tps('transformers', 'fixed'):.2f}")
+    print(f"speedup_vs_transformers: {tps('ours', 'rollout') / tps('transformers', 'rollout'):.2f}")
+
+
+if __name__ == "__main__":
+    main()
