@@ -206,6 +206,12 @@ class Qwen3(nn.Module):
         last_only: return logits of the last position only, (B, V): the LM head is the costliest matmul at
         151,936 words, and generation needs only the next token.
         """
+        x = self.hidden_states(ids, valid, positions, cache)
+        return self.lm_head(x[:, -1] if last_only else x)
+
+    def hidden_states(self, ids, valid=None, positions=None, cache=None):
+        """The final-normed hidden states (B, T, hidden) that the LM head reads: training applies the head in
+        chunks, to bound the memory of 151,936-word logits."""
         B, T = ids.shape
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
@@ -231,9 +237,7 @@ class Qwen3(nn.Module):
             x = layer(x, cos, sin, mask, cache.kv[i] if cache is not None else None, start)
         if cache is not None:
             cache.len += T
-        if last_only:
-            x = x[:, -1]
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,6 +277,11 @@ def from_state_dict(cfg, state):
     return model
 
 
+def model_id(name_or_path):
+    """How a model is named in adapter metadata: a hub id as is, a local directory as its absolute path."""
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     """Build Qwen3 from config.json and load its safetensors weights (one file or an index of shards)."""
     path = resolve(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
@@ -297,7 +306,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
         model = from_state_dict(cfg, state)
     except RuntimeError as e:
         raise UserError(f"weights in {path} do not fit a Qwen3 of its config.json: {str(e).splitlines()[1]}") from None
-    model.name_or_path = name_or_path
+    model.name_or_path = model_id(name_or_path)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -103,3 +103,44 @@ def hf_model(path):
     """The transformers reference for a saved tiny model: fp32, eager attention for an exact comparison."""
     from transformers import Qwen3ForCausalLM
     return Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def write_questions(path, n=24):
+    """A small JSONL question file in the local-dataset format."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answers": [str(2 * i), f"{2 * i}.0"]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def formatted(tmp_path_factory):
+    """A tiny model fine-tuned briefly to end its answers with `Answer: ...` / `Confidence: ...%`, right or
+    wrong, with varied confidences: so rollouts parse and get different rewards. (model dir, questions file)"""
+    import random
+    from safetensors.torch import save_file
+    import calib
+    from model import ChatTokenizer, load_model
+    root = tmp_path_factory.mktemp("formatted")
+    path = write_model(root / "model", tie=True, seed=1)
+    questions = write_questions(root / "q.jsonl")
+    model, tok = load_model(path), ChatTokenizer(path)
+    rng = random.Random(0)
+    examples = []
+    for i in range(24):
+        answer = str(2 * i) if rng.random() < 0.5 else str(rng.randint(0, 60))
+        target = tok.encode(f"Answer: {answer}\nConfidence: {rng.choice([20, 40, 60, 80, 90])}%") + [tok.stop_ids[-1]]
+        examples.append((tok.chat(calib.messages(f"What is {i} plus {i}?")), target))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(60):
+        prompt, target = examples[step % len(examples)]
+        ids = torch.tensor([prompt + target])
+        logits = model(ids)[0, len(prompt) - 1:-1]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, os.path.join(path, "model.safetensors"))
+    return path, questions

@@ -1,0 +1,260 @@
+"""The method's definitions: the question prompt, reading answers and confidences, answer matching, stability,
+the question sets, and the calibration metrics. Each formula is in its docstring.
+"""
+
+import json
+import math
+import os
+import re
+import string
+from collections import Counter
+
+import numpy as np
+
+from model import UserError
+
+# ----------------------------------------------------------------------------------------------------------
+# The prompt. The exact text lives here and nowhere else.
+
+PROMPT = """Answer the question below. You may reason briefly first. Then end your response with exactly these two lines:
+Answer: <your final answer, as short as possible>
+Confidence: <the probability, from 0% to 100%, that your answer is correct>
+
+Question: {question}"""
+
+# The paper's prompting baseline: an instruction to express uncertainty conservatively.
+CALIBRATED_PROMPT = PROMPT.replace("Question: {question}", """Be careful about overconfidence: language models tend \
+to state high confidence even when they are wrong. Express your uncertainty conservatively. Use a high confidence \
+only if you are certain, and a low one whenever you are guessing or could be confusing facts.
+
+Question: {question}""")
+
+PROMPTS = {"default": PROMPT, "calibrated": CALIBRATED_PROMPT}
+
+
+def messages(question, prompt="default"):
+    return [{"role": "user", "content": PROMPTS[prompt].format(question=question)}]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the response.
+
+ANSWER = re.compile(r"\banswer\W*?[:：]\s*(.*?)\s*(?:\bconfidence\b.*)?$", re.IGNORECASE | re.MULTILINE)
+CONFIDENCE = re.compile(r"confidence(?:\s+level)?\W*?[:：=]?\s*(\d+(?:\.\d+)?)\s*(%|percent)?", re.IGNORECASE)
+
+
+def parse(response):
+    """(answer, confidence) from the response's last `Answer:` and `Confidence:` lines; None for what is missing.
+
+    The answer runs to the end of its line, or to a `Confidence` on the same line. Confidence accepts `85%`, `85 %`, `85 percent`, `0.85`, `**Confidence:** 85%` and trailing text; a bare
+    number above 1 is read as a percentage. Anything outside [0, 1] after that is no confidence.
+    """
+    text = response.replace("*", "")   # markdown bold around labels or values
+    answers = ANSWER.findall(text)
+    answer = answers[-1].strip().rstrip(".").strip() if answers else None
+    confidence = None
+    found = CONFIDENCE.findall(text)
+    if found:
+        number, percent = found[-1]
+        value = float(number)
+        value = value / 100 if percent or value > 1 else value
+        confidence = value if 0 <= value <= 1 else None
+    return (answer or None), confidence
+
+
+def normalize(text):
+    """TriviaQA's official answer normalization: underscores and punctuation (curly quotes too) become spaces,
+    lower case, articles (a, an, the) removed, whitespace collapsed."""
+    text = text.replace("_", " ").lower()
+    text = "".join(" " if ch in PUNCTUATION else ch for ch in text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+PUNCTUATION = set(string.punctuation) | set("‘’´`“”")
+
+
+def is_correct(answer, aliases):
+    """Exact match of the normalized answer against any normalized alias (TriviaQA's exact-match score)."""
+    return answer is not None and normalize(answer) in {normalize(a) for a in aliases}
+
+
+ABSTENTIONS = {"none", "unknown", "i don t know", "i do not know", "dont know", "don t know", "no answer",
+               "not sure", "i m not sure", "cannot answer", "n a", "no idea", "unsure"}
+
+
+def is_abstention(answer):
+    """The model declines to answer ("None", "I don't know", "unknown", ...)."""
+    return answer is not None and normalize(answer) in ABSTENTIONS
+
+
+def clusters(answers):
+    """Cluster sizes n_k of a question's N answers, grouped by normalized string. A missing answer is its own
+    cluster: failing to answer is not agreeing with anything."""
+    counts = Counter(normalize(a) for a in answers if a is not None)
+    return list(counts.values()) + [1] * sum(a is None for a in answers)
+
+
+def stability(answers):
+    """s = 1 - H / log N, with H = -sum_k (n_k / N) log(n_k / N) over the answer clusters.
+    1 when all N answers agree, 0 when all differ."""
+    n = len(answers)
+    if n < 2:
+        raise ValueError("stability needs at least 2 answers")
+    p = np.array(clusters(answers)) / n
+    return float(1 - (-(p * np.log(p)).sum()) / math.log(n))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Question sets: TriviaQA from the hub, or a local JSONL of {"question": ..., "answers": [...]}.
+
+TRIVIAQA = "mandarjoshi/trivia_qa"
+
+
+def load_questions(dataset, split):
+    """A list of {"question", "answers"}: `dataset` is "triviaqa" (split "train" or "validation") or a JSONL
+    path (the split is then ignored)."""
+    if dataset == "triviaqa":
+        return load_triviaqa(split)
+    if not os.path.isfile(dataset):
+        raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa' nor a JSONL file")
+    return read_jsonl(dataset)
+
+
+def read_jsonl(path):
+    questions = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ok = (isinstance(item, dict) and isinstance(item.get("question"), str)
+                      and isinstance(item.get("answers"), list) and item["answers"]
+                      and all(isinstance(a, str) for a in item["answers"]))
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise UserError(f"{path}, line {number}: expected a JSON object "
+                                '{"question": "...", "answers": ["...", ...]}')
+            questions.append({"question": item["question"], "answers": item["answers"]})
+    return questions
+
+
+def load_triviaqa(split):
+    """TriviaQA rc.nocontext from the hub's parquet files; answers = value + aliases; one row per question_id
+    (rc repeats some questions)."""
+    from huggingface_hub import snapshot_download
+    try:
+        path = snapshot_download(TRIVIAQA, repo_type="dataset", allow_patterns=[f"rc.nocontext/{split}-*.parquet"])
+    except Exception as e:
+        raise UserError(f"cannot get TriviaQA ({TRIVIAQA}) from the Hugging Face hub: it is unreachable and not "
+                        f"cached ({type(e).__name__}); pass a local JSONL with --dataset instead") from None
+    return read_triviaqa_parquet(sorted(
+        os.path.join(path, "rc.nocontext", f) for f in os.listdir(os.path.join(path, "rc.nocontext"))
+        if f.startswith(split + "-")))
+
+
+def read_triviaqa_parquet(files):
+    import pyarrow.parquet as pq
+    questions, seen = [], set()
+    for file in files:
+        table = pq.read_table(file, columns=["question", "question_id", "answer"]).to_pylist()
+        for row in table:
+            if row["question_id"] in seen:
+                continue
+            seen.add(row["question_id"])
+            answers = [row["answer"]["value"]] + [a for a in row["answer"]["aliases"] if a != row["answer"]["value"]]
+            questions.append({"question": row["question"], "answers": answers})
+    if not questions:
+        raise UserError(f"no TriviaQA questions in {files}")
+    return questions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration metrics. c: stated confidences in [0, 1]; y: correctness in {0, 1}.
+
+
+def ece(c, y, bins=10):
+    """Expected calibration error: sum_b (n_b / n) |accuracy_b - mean confidence_b| over equal-width bins
+    [0, 0.1), ..., [0.9, 1.0] (1.0 falls in the last bin)."""
+    c, y = np.asarray(c, float), np.asarray(y, float)
+    which = np.minimum((c * bins).astype(int), bins - 1)
+    return float(sum(abs(y[which == b].mean() - c[which == b].mean()) * (which == b).sum()
+                     for b in range(bins) if (which == b).any()) / len(c))
+
+
+def auroc(c, y):
+    """P(c of a correct answer > c of a wrong one), ties counting 1/2 (the Mann-Whitney U statistic / n1 n0).
+    NaN when all answers are right or all wrong."""
+    c, y = np.asarray(c, float), np.asarray(y, bool)
+    n1, n0 = y.sum(), (~y).sum()
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(c)
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def rankdata(x):
+    """Ranks from 1, ties sharing their mean rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def selective_accuracy(c, y, coverage):
+    """Accuracy of the `coverage` fraction of answers stated with the highest confidence."""
+    c, y = np.asarray(c, float), np.asarray(y, float)
+    keep = np.argsort(-c, kind="mergesort")[:max(1, math.ceil(coverage * len(c)))]
+    return float(y[keep].mean())
+
+
+def pearson(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def metrics(confidence, correct, abstained):
+    """All evaluation metrics of one set of responses. confidence is None where it could not be parsed: such a
+    response counts in `n`, `accuracy_all` and `parse_failure_rate`; every other metric is over the responses
+    with a confidence, so that calibration gap = mean confidence - accuracy holds on one set."""
+    has = np.array([c is not None for c in confidence])
+    c = np.array([x for x in confidence if x is not None], float)
+    y = np.asarray(correct, float)[has]
+    empty = not has.any()
+    mean = (lambda v: float(v.mean()) if len(v) else float("nan"))
+    return {
+        "n": len(confidence),
+        "accuracy": mean(y),
+        "accuracy_all": float(np.mean(correct)),
+        "mean_confidence": mean(c),
+        "calibration_gap": mean(c) - mean(y),
+        "ece": float("nan") if empty else ece(c, y),
+        "brier": mean((c - y) ** 2),
+        "auroc": float("nan") if empty else auroc(c, y),
+        "confidence_when_correct": mean(c[y == 1]),
+        "confidence_when_wrong": mean(c[y == 0]),
+        "selective_accuracy_50": float("nan") if empty else selective_accuracy(c, y, 0.5),
+        "selective_accuracy_80": float("nan") if empty else selective_accuracy(c, y, 0.8),
+        "parse_failure_rate": float(1 - has.mean()),
+        "abstention_rate": float(np.mean(abstained)),
+    }
+
+
+def bootstrap(confidence, correct, abstained, resamples=1000, seed=0):
+    """95% intervals of every metric: recompute on `resamples` resamples of the questions (with replacement)
+    and take the 2.5th and 97.5th percentiles."""
+    rng = np.random.default_rng(seed)
+    n = len(confidence)
+    runs = []
+    for _ in range(resamples):
+        i = rng.integers(0, n, n)
+        runs.append(metrics([confidence[j] for j in i], [correct[j] for j in i], [abstained[j] for j in i]))
+    return {k: (float(np.nanpercentile([r[k] for r in runs], 2.5)), float(np.nanpercentile([r[k] for r in runs], 97.5)))
+            for k in runs[0] if k != "n"}

@@ -1,0 +1,124 @@
+"""A hand-rolled LoRA: W x + (alpha / r) B A x, with A (r x in) and B (out x r) the only trained weights.
+
+B starts at zero, so step 0 is exactly the base model. Adapters are saved as .safetensors with PEFT's key
+names (base_model.model.<module>.lora_A.weight) and the run's metadata, so PEFT loads them too.
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
+
+from model import UserError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        # fp32 adapters whatever the base dtype: AdamW on bf16 weights would round small updates away
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # PEFT's initialization
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = None
+
+    def merge(self):
+        """For sampling: W + (alpha / r) B A as one weight, one matmul per call. Kept beside W, not written
+        into it, so unmerging is exact even in bf16."""
+        with torch.no_grad():
+            delta = self.scale * (self.lora_B.weight @ self.lora_A.weight)
+            self.merged = (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+    def unmerge(self):
+        self.merged = None
+
+    def forward(self, x):
+        if self.merged is not None:
+            return F.linear(x, self.merged)
+        return self.base(x) + (self.scale * self.lora_B(self.lora_A(x.float()))).to(x.dtype)
+
+
+def add_lora(model, rank=1, alpha=2.0, targets=TARGETS):
+    """Freeze the model and wrap every targeted linear layer in a LoRALinear. Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child, layer in list(module.named_children()):
+            if child in targets and isinstance(layer, nn.Linear):
+                setattr(module, child, LoRALinear(layer, rank, alpha))
+    model.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge(model):
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model):
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def adapter_state(model):
+    """The trained weights under PEFT's names: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return {f"base_model.model.{name}": p.detach().contiguous()
+            for name, p in model.named_parameters() if "lora_" in name}
+
+
+def write_atomic(path, data):
+    """Write to a temporary file, then rename it over `path`: a crash leaves the old file or the new one,
+    never half of one."""
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def save_adapter(model, path, step, config):
+    """Write the adapter atomically (a temporary file, then a rename), with its metadata."""
+    meta = {"base_model": model.name_or_path, "rank": str(model.lora["rank"]), "alpha": str(model.lora["alpha"]),
+            "targets": json.dumps(model.lora["targets"]), "step": str(step), "config": json.dumps(config)}
+    write_atomic(path, save(adapter_state(model), metadata=meta))
+
+
+def read_adapter(path):
+    """(tensors, metadata) of a saved adapter; a clear error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: not a valid .safetensors adapter ({e})") from None
+    if "base_model" not in meta or "rank" not in meta:
+        raise UserError(f"{path} is a safetensors file but not an adapter of this project (no base_model metadata)")
+    return tensors, meta
+
+
+def load_adapter(model, path):
+    """Add the adapter saved at `path` to a freshly loaded base model; it must be the adapter's base model."""
+    tensors, meta = read_adapter(path)
+    if meta["base_model"] != model.name_or_path:
+        raise UserError(f"{path} was trained on {meta['base_model']!r}, not {model.name_or_path!r}; "
+                        f"pass --model {meta['base_model']}")
+    add_lora(model, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"]))
+    own = {f"base_model.model.{name}": p for name, p in model.named_parameters() if "lora_" in name}
+    if set(own) != set(tensors) or any(own[k].shape != v.shape for k, v in tensors.items()):
+        raise UserError(f"{path} does not fit {model.name_or_path}: its tensors are not this model's LoRA weights")
+    for key, value in tensors.items():
+        own[key].data.copy_(value)
+    return meta

@@ -1,0 +1,179 @@
+"""calib.py: every definition against hand-computed values, the parser on real-looking outputs, metrics
+against independent computations, and the question loaders."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import calib
+from model import UserError
+
+
+def test_stability_hand_values():
+    assert calib.stability(["Paris"] * 8) == pytest.approx(1.0)
+    assert calib.stability([str(i) for i in range(8)]) == pytest.approx(0.0)
+    # 4 + 4: H = log 2, so s = 1 - log 2 / log 8 = 2/3
+    assert calib.stability(["Paris"] * 4 + ["Lyon"] * 4) == pytest.approx(2 / 3)
+    # 6 + 2: H = -(3/4 log 3/4 + 1/4 log 1/4)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert calib.stability(["a"] * 6 + ["b"] * 2) == pytest.approx(1 - h / math.log(8))
+
+
+def test_clusters_use_normalized_answers_and_missing_answers_agree_with_nothing():
+    assert sorted(calib.clusters(["The Beatles", "beatles!", "Beatles", "Stones"])) == [1, 3]
+    assert calib.stability([None] * 8) == pytest.approx(0.0)
+    assert calib.clusters(["x", None, None]) == [1, 1, 1]
+
+
+PARSE_TABLE = [
+    ("The capital is Paris.\nAnswer: Paris\nConfidence: 85%", "Paris", 0.85),
+    ("Answer: Paris\nConfidence: 0.85", "Paris", 0.85),
+    ("Answer: Paris\nConfidence: 85 %", "Paris", 0.85),
+    ("**Answer:** Paris\n**Confidence:** 85%", "Paris", 0.85),
+    ("Answer: **Mount Everest**.\nConfidence: 90% (I am fairly sure)", "Mount Everest", 0.90),
+    ("answer: 1066\nconfidence: 100%", "1066", 1.0),
+    ("Answer: None\nConfidence: 5%", "None", 0.05),
+    ("Answer: Lyon\nConfidence level: 40 percent", "Lyon", 0.40),
+    ("I think Answer: Rome\nbut no. Answer: Milan\nConfidence: 1", "Milan", 1.0),
+    ("Answer: Paris\nConfidence: 0%", "Paris", 0.0),
+    ("Final answer: Paris. Confidence: 80%", "Paris", 0.80),
+    ("Answer: Paris\nConfidence: high", "Paris", None),
+    ("Answer: Paris", "Paris", None),
+    ("Confidence: 70%", None, 0.70),
+    ("Answer: Paris\nConfidence: 150%", "Paris", None),
+    ("asdf qwer 42 %% ??", None, None),
+    ("", None, None),
+    ("Answer:\nConfidence: 50%", None, 0.5),
+]
+
+
+@pytest.mark.parametrize("text,answer,confidence", PARSE_TABLE)
+def test_parser_on_real_looking_outputs(text, answer, confidence):
+    got_answer, got_confidence = calib.parse(text)
+    assert got_answer == answer
+    assert got_confidence == (pytest.approx(confidence) if confidence is not None else None)
+
+
+def test_triviaqa_normalization_and_matching():
+    assert calib.normalize("The_Beatles!") == "beatles"
+    assert calib.normalize("“Saint  Vitus’s” Dance, an   A-Team") == "saint vitus s dance team"
+    assert calib.is_correct("the beatles", ["Beatles", "Fab Four"])
+    assert calib.is_correct("Fab four.", ["Beatles", "Fab Four"])
+    assert not calib.is_correct("Rolling Stones", ["Beatles"])
+    assert not calib.is_correct(None, ["Beatles"])
+
+
+def test_abstentions():
+    for a in ["None", "I don't know", "unknown", "I do not know."]:
+        assert calib.is_abstention(a), a
+    for a in ["Paris", "Nonesuch", None]:
+        assert not calib.is_abstention(a), a
+
+
+def test_ece_worked_by_hand():
+    # bin [0.2, 0.3): confidences 0.2, 0.2, accuracy 1/2 -> |0.5 - 0.2| * 2
+    # bin [0.9, 1.0]: confidences 0.9, 1.0, accuracy 1 -> |1 - 0.95| * 2
+    c, y = [0.2, 0.2, 0.9, 1.0], [1, 0, 1, 1]
+    assert calib.ece(c, y) == pytest.approx((0.3 * 2 + 0.05 * 2) / 4)
+
+
+def test_auroc_against_brute_force_pairwise_count():
+    rng = np.random.default_rng(0)
+    c = rng.integers(0, 11, 200) / 10   # many ties
+    y = rng.random(200) < 0.3 + 0.5 * c
+    pairs = [(a, b) for a in c[y] for b in c[~y]]
+    brute = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert calib.auroc(c, y) == pytest.approx(brute)
+    assert math.isnan(calib.auroc([0.5, 0.6], [1, 1]))
+
+
+def test_perfectly_calibrated_set_has_gap_and_ece_near_zero():
+    rng = np.random.default_rng(1)
+    c = rng.integers(0, 10, 50_000) / 10 + 0.05
+    y = rng.random(50_000) < c
+    m = calib.metrics(list(c), list(y), [False] * len(c))
+    assert abs(m["calibration_gap"]) < 0.01
+    assert m["ece"] < 0.01
+    assert m["auroc"] > 0.75
+
+
+def test_metrics_hand_values_and_parse_failures():
+    conf = [0.9, 0.8, None, 0.2, 0.6]
+    correct = [True, False, False, False, True]
+    m = calib.metrics(conf, correct, [False, False, False, True, False])
+    assert m["n"] == 5 and m["parse_failure_rate"] == pytest.approx(0.2)
+    assert m["accuracy"] == pytest.approx(0.5) and m["accuracy_all"] == pytest.approx(0.4)
+    assert m["mean_confidence"] == pytest.approx(0.625)
+    assert m["calibration_gap"] == pytest.approx(0.125)
+    assert m["brier"] == pytest.approx((0.01 + 0.64 + 0.04 + 0.16) / 4)
+    assert m["confidence_when_correct"] == pytest.approx(0.75)
+    assert m["confidence_when_wrong"] == pytest.approx(0.5)
+    assert m["selective_accuracy_50"] == pytest.approx(0.5)      # top 2 of 4: 0.9 right, 0.8 wrong
+    assert m["abstention_rate"] == pytest.approx(0.2)
+    assert m["auroc"] == pytest.approx(0.75)                     # pairs: (0.9>0.8, 0.9>0.2, 0.6<0.8, 0.6>0.2)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_are_seeded():
+    rng = np.random.default_rng(2)
+    c = list(rng.random(300))
+    y = list(rng.random(300) < np.array(c))
+    a = [False] * 300
+    ci = calib.bootstrap(c, y, a, resamples=200, seed=3)
+    m = calib.metrics(c, y, a)
+    for key in ("accuracy", "calibration_gap", "ece", "auroc", "brier"):
+        assert ci[key][0] <= m[key] <= ci[key][1], key
+    assert ci == calib.bootstrap(c, y, a, resamples=200, seed=3)
+
+
+def test_malformed_jsonl_names_its_line(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"question": "a?", "answers": ["b"]}\n\n{"question": "c?", "answers": "d"}\n')
+    with pytest.raises(UserError, match=r"line 3"):
+        calib.load_questions(str(f), "train")
+    f.write_text('{"question": "a?", "answers": ["b"]}\nnot json\n')
+    with pytest.raises(UserError, match=r"line 2"):
+        calib.load_questions(str(f), "train")
+    with pytest.raises(UserError, match="neither 'triviaqa' nor a JSONL"):
+        calib.load_questions(str(tmp_path / "missing.jsonl"), "train")
+
+
+def write_triviaqa_parquet(path):
+    """A parquet file with TriviaQA rc.nocontext's real schema (the columns we read and some we don't)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    answer = lambda value, aliases: {"aliases": aliases, "normalized_aliases": [a.lower() for a in aliases],
+                                     "matched_wiki_entity_name": "", "normalized_matched_wiki_entity_name": "",
+                                     "normalized_value": value.lower(), "type": "WikipediaEntity", "value": value}
+    rows = [("Which band sang Help?", "tc_1", answer("The Beatles", ["Beatles", "The Beatles", "Fab Four"])),
+            ("Capital of France?", "tc_2", answer("Paris", ["Paris", "Paris, France"])),
+            ("Which band sang Help?", "tc_1", answer("The Beatles", ["Beatles", "The Beatles", "Fab Four"]))]
+    table = pa.table({
+        "question": [r[0] for r in rows], "question_id": [r[1] for r in rows],
+        "question_source": ["http://x"] * 3,
+        "entity_pages": [{"doc_source": [], "filename": [], "title": [], "wiki_context": []}] * 3,
+        "search_results": [{"description": [], "filename": [], "rank": [], "title": [], "url": [],
+                            "search_context": []}] * 3,
+        "answer": [r[2] for r in rows]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_triviaqa_loader_on_a_parquet_file_with_the_real_schema(tmp_path, monkeypatch):
+    write_triviaqa_parquet(tmp_path / "rc.nocontext" / "validation-00000-of-00001.parquet")
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)) or str(tmp_path))
+    questions = calib.load_questions("triviaqa", "validation")
+    assert calls[0][0] == ("mandarjoshi/trivia_qa",) and calls[0][1]["repo_type"] == "dataset"
+    assert calls[0][1]["allow_patterns"] == ["rc.nocontext/validation-*.parquet"]
+    assert questions == [{"question": "Which band sang Help?", "answers": ["The Beatles", "Beatles", "Fab Four"]},
+                         {"question": "Capital of France?", "answers": ["Paris", "Paris, France"]}]
+
+
+def test_unreachable_hub_for_triviaqa_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="unreachable.*local JSONL"):
+        calib.load_questions("triviaqa", "train")

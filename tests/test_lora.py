@@ -1,0 +1,78 @@
+"""lora.py: step 0 is the base model, merging changes nothing, adapters round-trip and load in PEFT."""
+
+import pytest
+import torch
+from conftest import hf_model
+
+import lora
+from model import UserError, load_model
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+
+
+def with_random_adapter(path, seed=0, **kw):
+    model = lora.add_lora(load_model(path), **kw)
+    g = torch.Generator().manual_seed(seed)
+    for m in lora.lora_layers(model):   # B starts at 0; give it values so the adapter does something
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.05
+    return model
+
+
+def test_step_zero_is_the_base_model(tiny_untied):
+    base = load_model(tiny_untied)
+    model = lora.add_lora(load_model(tiny_untied))
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base(IDS))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * model.cfg.num_hidden_layers
+
+
+def test_merge_gives_the_same_logits_and_unmerge_restores(tiny_untied):
+    model = with_random_adapter(tiny_untied)
+    with torch.no_grad():
+        plain = model(IDS)
+        lora.merge(model)
+        merged = model(IDS)
+        lora.unmerge(model)
+        again = model(IDS)
+    assert (merged - plain).abs().max() < 1e-5
+    assert torch.equal(again, plain)
+    assert (plain - load_model(tiny_untied)(IDS)).abs().max() > 1e-3   # the adapter does change the model
+
+
+def test_adapter_round_trip_and_peft_gives_the_same_logits(tmp_path, tiny_tied):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    model = with_random_adapter(tiny_tied, rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"))
+    path = str(tmp_path / "a.safetensors")
+    lora.save_adapter(model, path, step=7, config={"lr": 1e-4})
+    with torch.no_grad():
+        ours = model(IDS)
+
+    reloaded = load_model(tiny_tied)
+    meta = lora.load_adapter(reloaded, path)
+    assert meta["step"] == "7" and int(meta["rank"]) == 2
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS), ours)
+
+    peft = get_peft_model(hf_model(tiny_tied), LoraConfig(r=2, lora_alpha=4.0,
+                                                          target_modules=["q_proj", "v_proj", "down_proj"]))
+    result = set_peft_model_state_dict(peft, load_file(path))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    with torch.no_grad():
+        theirs = peft(input_ids=IDS).logits
+    assert (theirs - ours).abs().max() < 1e-4
+
+
+def test_adapter_errors(tmp_path, tiny_tied, tiny_untied):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        lora.load_adapter(load_model(tiny_tied), str(tmp_path / "none.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        lora.load_adapter(load_model(tiny_tied), str(tmp_path / "bad.safetensors"))
+    path = str(tmp_path / "a.safetensors")
+    lora.save_adapter(with_random_adapter(tiny_tied), path, 1, {})
+    with pytest.raises(UserError, match="was trained on"):
+        lora.load_adapter(load_model(tiny_untied), path)

@@ -1,0 +1,52 @@
+"""reward.py: the rewards by hand, the mix draw, and a question's group of rollouts."""
+
+import numpy as np
+import pytest
+
+import reward
+
+
+def test_brier_and_stability_rewards_by_hand():
+    assert reward.brier_reward(True, 1.0) == 1.0
+    assert reward.brier_reward(True, 0.7) == pytest.approx(1 - 0.09)
+    assert reward.brier_reward(False, 0.7) == pytest.approx(1 - 0.49)
+    assert reward.brier_reward(False, 0.0) == 1.0          # the Brier hack: confidently wrong at 0% pays fully
+    assert reward.stability_reward(2 / 3, 0.5) == pytest.approx(1 - (1 / 6) ** 2)
+
+
+def test_mix_draw_is_seeded_and_has_the_asked_share():
+    a = reward.labeled_draw(10_000, 0.3, seed=5)
+    assert np.array_equal(a, reward.labeled_draw(10_000, 0.3, seed=5))
+    assert not np.array_equal(a, reward.labeled_draw(10_000, 0.3, seed=6))
+    assert abs(a.mean() - 0.3) < 0.02
+    assert not reward.labeled_draw(100, 0.0, 0).any() and reward.labeled_draw(100, 1.0, 0).all()
+
+
+RESPONSES = ["Answer: Paris\nConfidence: 90%", "Answer: paris.\nConfidence: 60%", "Answer: Lyon\nConfidence: 0%",
+             "no idea what to say", "Answer: Paris\nConfidence: 100%", "Answer: Paris\nConfidence: 80%",
+             "Answer: Nice\nConfidence: 50%", "Answer: Paris"]
+
+
+def test_labeled_group_gets_brier_and_failures_get_zero():
+    rewards, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=True)
+    assert rewards == pytest.approx([1 - 0.01, 1 - 0.16, 1.0, 0.0, 1.0, 1 - 0.04, 1 - 0.25, 0.0])
+    assert parts["correct"] == [True, True, False, False, True, True, False, True]
+    assert parts["parsed"] == [True, True, True, False, True, True, True, False]
+    # clusters: paris x5 (the last has no confidence but an answer), lyon, nice, one missing answer
+    assert parts["stability"] == pytest.approx(reward.calib.stability(["Paris"] * 5 + ["Lyon", "Nice", None]))
+
+
+def test_unlabeled_group_gets_stability_reward():
+    rewards, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=False)
+    s = parts["stability"]
+    assert rewards[0] == pytest.approx(1 - (s - 0.9) ** 2)
+    assert rewards[2] == pytest.approx(1 - s ** 2)
+    assert rewards[3] == 0.0 and rewards[7] == 0.0
+
+
+def test_correct_weight_adds_a_correctness_bonus_on_labeled_questions_only():
+    plain, _ = reward.group_rewards(RESPONSES, ["Paris"], labeled=True)
+    bonus, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=True, correct_weight=1.0)
+    for p, b, right, ok in zip(plain, bonus, parts["correct"], parts["parsed"]):
+        assert b == pytest.approx(p + (1.0 if right and ok else 0.0))
+    assert reward.group_rewards(RESPONSES, ["Paris"], False, 1.0)[0] == reward.group_rewards(RESPONSES, ["Paris"], False)[0]
