@@ -1,0 +1,249 @@
+"""Evaluate calibration: greedy answers to held-out questions, the metrics of calib.py with bootstrap 95%
+intervals, reliability diagrams, stability analysis, and side-by-side comparisons of checkpoints.
+
+    python eval.py ckpt.safetensors                   # a trained adapter (its base model from its metadata)
+    python eval.py --model Qwen/Qwen3-4B-Instruct-2507 # the untrained model
+    python eval.py a.safetensors b.safetensors --rollouts 8 --prompt calibrated
+    python eval.py --plot-log runs/train/metrics.jsonl # plot a training run
+"""
+
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import calib
+import lora
+from model import ChatTokenizer, UserError, load_model, model_id
+from rollout import generate
+
+# A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
+# readable heuristic for the paper's behavioural finding, not a classifier.
+ALTERNATIVE = re.compile(r"\b(however|alternatively|another possibility|other possibilit|it could also be|"
+                         r"could also be|or possibly|or perhaps|some sources|also sometimes|also associated|"
+                         r"may be confused|might be confused|not to be confused|also known)\b", re.IGNORECASE)
+
+TABLE = ["accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "auroc", "confidence_when_correct",
+         "confidence_when_wrong", "selective_accuracy_50", "selective_accuracy_80", "parse_failure_rate",
+         "abstention_rate", "alternative_rate"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[3:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", help="adapters to evaluate; none: the base model")
+    p.add_argument("--model", help="base model (default: each checkpoint's own; without checkpoints "
+                   "Qwen/Qwen3-4B-Instruct-2507)")
+    p.add_argument("--dataset", default="triviaqa", help="'triviaqa' (its validation split) or a JSONL file")
+    p.add_argument("--n", type=int, default=1000, help="evaluation questions (a seeded subset; all if fewer)")
+    p.add_argument("--prompt", choices=sorted(calib.PROMPTS), default="default",
+                   help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
+    p.add_argument("--rollouts", type=int, default=0,
+                   help="also sample N answers per question: stability and its correlation with correctness")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each answer")
+    p.add_argument("--batch", type=int, default=32, help="questions per generation batch")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0, help="seeds the question subset, the rollouts and the bootstrap")
+    p.add_argument("--out", default="runs/eval", help="folder for the per-question JSONL, PNG and markdown")
+    p.add_argument("--json", help="write all metrics here (default: OUT/metrics.json)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--plot-log", nargs="+", metavar="LOG", help="plot training logs (metrics.jsonl) and exit")
+    args = p.parse_args(argv)
+    if args.rollouts == 1 or args.rollouts < 0:
+        p.error("--rollouts must be 0 (none) or at least 2")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_system(checkpoint, args):
+    """The model to evaluate: base model, plus the checkpoint's adapter if one is given."""
+    base = args.model
+    if checkpoint is not None:
+        _, meta = lora.read_adapter(checkpoint)
+        if base is not None and model_id(base) != meta["base_model"]:
+            raise UserError(f"{checkpoint} was trained on {meta['base_model']!r}, not --model {base!r}")
+        base = base or meta["base_model"]
+    base = base or "Qwen/Qwen3-4B-Instruct-2507"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model = load_model(base, dtype, args.device)
+    if checkpoint is not None:
+        lora.load_adapter(model, checkpoint)
+        lora.merge(model)   # evaluation never trains: one matmul per layer
+    return model, ChatTokenizer(base)
+
+
+def answer_all(model, tok, questions, args, label):
+    """Greedy responses to every question (and N sampled ones with --rollouts), one record per question."""
+    records = []
+    for i in tqdm(range(0, len(questions), args.batch), desc=f"eval {label}", unit="batch"):
+        batch = questions[i:i + args.batch]
+        prompts = [tok.chat(calib.messages(q["question"], args.prompt)) for q in batch]
+        greedy = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0)
+        samples = (generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed + i) if args.rollouts else [])
+        for j, (q, out) in enumerate(zip(batch, greedy)):
+            answer, confidence = calib.parse(out.text)
+            sampled = [calib.parse(c.text)[0] for c in samples[j * args.rollouts:(j + 1) * args.rollouts]]
+            records.append({"question": q["question"], "answers": q["answers"], "response": out.text,
+                            "answer": answer, "confidence": confidence,
+                            "correct": calib.is_correct(answer, q["answers"]),
+                            "abstained": calib.is_abstention(answer),
+                            "alternative": bool(ALTERNATIVE.search(out.text)),
+                            "stability": calib.stability(sampled) if sampled else None})
+    return records
+
+
+def summarize(records, args):
+    """calib.metrics with bootstrap intervals, the behaviour shares, and the stability analysis."""
+    conf = [r["confidence"] for r in records]
+    correct = [r["correct"] for r in records]
+    abstained = [r["abstained"] for r in records]
+    result = calib.metrics(conf, correct, abstained)
+    result["alternative_rate"] = float(np.mean([r["alternative"] for r in records]))
+    result["ci"] = calib.bootstrap(conf, correct, abstained, args.bootstrap, args.seed) if args.bootstrap else {}
+    if args.rollouts:
+        parsed = [r for r in records if r["confidence"] is not None]
+        result["mean_stability"] = float(np.mean([r["stability"] for r in records]))
+        result["r_stability_correct"] = calib.pearson([r["stability"] for r in records], correct)
+        result["r_confidence_correct"] = calib.pearson([r["confidence"] for r in parsed],
+                                                       [r["correct"] for r in parsed])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output: the table, the files.
+
+
+def print_table(results):
+    labels = list(results)
+    rows = TABLE + [k for k in ("mean_stability", "r_stability_correct", "r_confidence_correct")
+                    if k in results[labels[0]]]
+    width = max(24, *(len(label) + 2 for label in labels))
+    print(f"{'metric':26s}" + "".join(f"{label:>{width}s}" for label in labels))
+    for key in rows:
+        cells = []
+        for label in labels:
+            value, ci = results[label][key], results[label]["ci"].get(key)
+            cells.append(f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        print(f"{key:26s}" + "".join(f"{c:>{width}s}" for c in cells))
+    print(f"{'n':26s}" + "".join(f"{results[label]['n']:>{width}d}" for label in labels))
+
+
+def reliability_diagram(records_by_label, path, bins=10):
+    """Accuracy against stated confidence in 10 equal-width bins, one curve per checkpoint, counts below."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), height_ratios=[3, 1], sharex=True)
+    top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    width = 0.8 / bins / max(1, len(records_by_label))
+    for k, (label, records) in enumerate(records_by_label.items()):
+        c = np.array([r["confidence"] for r in records if r["confidence"] is not None])
+        y = np.array([r["correct"] for r in records if r["confidence"] is not None], float)
+        which = np.minimum((c * bins).astype(int), bins - 1)
+        used = [b for b in range(bins) if (which == b).any()]
+        top.plot([c[which == b].mean() for b in used], [y[which == b].mean() for b in used], "o-", label=label)
+        bottom.bar([(b + 0.1) / bins + k * width for b in range(bins)], [(which == b).sum() for b in range(bins)],
+                   width=width, align="edge", label=label)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
+    top.legend(fontsize=8)
+    bottom.set(xlabel="stated confidence", ylabel="answers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def changes_markdown(records_by_label, path, top=20):
+    """The questions whose stated confidence changed most between checkpoints, responses side by side."""
+    labels = list(records_by_label)
+    rows = list(zip(*records_by_label.values()))
+
+    def spread(row):
+        c = [r["confidence"] for r in row if r["confidence"] is not None]
+        return max(c) - min(c) if len(c) > 1 else -1
+    lines = [f"# Largest changes in stated confidence: {' vs '.join(labels)}", ""]
+    for row in sorted(rows, key=spread, reverse=True)[:top]:
+        lines += [f"## {row[0]['question']}", "", f"Correct answers: {', '.join(row[0]['answers'][:5])}", ""]
+        for label, r in zip(labels, row):
+            conf = "no confidence" if r["confidence"] is None else f"{r['confidence']:.0%}"
+            verdict = "right" if r["correct"] else ("abstains" if r["abstained"] else "wrong")
+            lines += [f"**{label}** ({conf}, {verdict}):", "", "> " + r["response"].strip().replace("\n", "\n> "), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot_logs(logs, path):
+    """Reward, calibration gap and accuracy of training runs over their steps (the paper's Figure 2a)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    for log in logs:
+        if not os.path.isfile(log):
+            raise UserError(f"training log not found: {log}")
+        with open(log) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        label = os.path.basename(os.path.dirname(os.path.abspath(log)))
+        for ax, key in zip(axes, ("reward", "calibration_gap", "accuracy")):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot([s for s, _ in points], [v for _, v in points], label=label, lw=1)
+            ax.set_ylabel(key.replace("_", " "))
+    axes[1].axhline(0, color="k", lw=0.5)
+    axes[0].legend(fontsize=8)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def label_of(checkpoint, taken):
+    label = "base" if checkpoint is None else os.path.splitext(os.path.basename(checkpoint))[0]
+    return label if label not in taken else f"{label}-{len(taken)}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.plot_log:
+        plot_logs(args.plot_log, os.path.join(args.out, "training.png"))
+        print(f"wrote {os.path.join(args.out, 'training.png')}")
+        return
+    for checkpoint in args.checkpoints:   # every file checked before hours of generation
+        lora.read_adapter(checkpoint)
+    pool = calib.load_questions(args.dataset, "validation")
+    if not pool:
+        raise UserError(f"{args.dataset} holds no evaluation questions")
+    questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]
+
+    records, results = {}, {}
+    for checkpoint in args.checkpoints or [None]:
+        label = label_of(checkpoint, records)
+        model, tok = load_system(checkpoint, args)
+        records[label] = answer_all(model, tok, questions, args, label)
+        results[label] = summarize(records[label], args) | {"checkpoint": checkpoint, "prompt": args.prompt}
+        with open(os.path.join(args.out, f"responses-{label}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records[label])
+        del model
+
+    print_table(results)
+    with open(args.json or os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    reliability_diagram(records, os.path.join(args.out, "reliability.png"))
+    if len(records) > 1:
+        changes_markdown(records, os.path.join(args.out, "changes.md"))
+    print(f"wrote {args.out}/: metrics.json, responses-*.jsonl, reliability.png"
+          + (", changes.md" if len(records) > 1 else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,76 @@
+"""eval.py end to end on a tiny model: table, JSON, JSONL, PNG and markdown agree; bad input is one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import eval as evaluate
+import lora
+from model import UserError, load_model
+
+
+def adapter(model_dir, path, seed=0):
+    model = lora.add_lora(load_model(model_dir))
+    g = torch.Generator().manual_seed(seed)
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.02
+    lora.save_adapter(model, str(path), step=1, config={})
+    return str(path)
+
+
+def test_end_to_end_outputs_are_written_and_consistent(tmp_path, formatted, capsys):
+    model_dir, questions = formatted
+    ckpt = adapter(model_dir, tmp_path / "trained.safetensors")
+    out = tmp_path / "eval"
+    evaluate.main(["--model", model_dir, "--dataset", questions, "--n", "12", "--rollouts", "3",
+                   "--max-new-tokens", "16", "--bootstrap", "50", "--out", str(out), "--batch", "5"])
+    evaluate.main([ckpt, str(tmp_path / "trained.safetensors"), "--dataset", questions, "--n", "12",
+                   "--max-new-tokens", "16", "--bootstrap", "50", "--out", str(out / "two")])
+    table = capsys.readouterr().out
+    assert "calibration_gap" in table and "trained" in table and "trained-1" in table
+
+    results = json.load(open(out / "metrics.json"))
+    base = results["base"]
+    for key in ("accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "auroc", "parse_failure_rate",
+                "abstention_rate", "n", "r_stability_correct", "r_confidence_correct", "mean_stability"):
+        assert key in base, key
+    rows = [json.loads(line) for line in open(out / "responses-base.jsonl")]
+    assert len(rows) == base["n"] == 12
+    parsed = [r for r in rows if r["confidence"] is not None]
+    assert parsed, "the formatted model should state confidences"
+    assert base["accuracy"] == pytest.approx(np.mean([r["correct"] for r in parsed]))
+    assert base["mean_confidence"] == pytest.approx(np.mean([r["confidence"] for r in parsed]))
+    assert base["parse_failure_rate"] == pytest.approx(1 - len(parsed) / 12)
+    assert all(0 <= r["stability"] <= 1 for r in rows)
+    assert base["ci"]["accuracy"][0] <= base["accuracy"] <= base["ci"]["accuracy"][1]
+    assert f"{base['calibration_gap']:.3f}" in table
+    assert (out / "reliability.png").stat().st_size > 10_000
+    two = json.load(open(out / "two" / "metrics.json"))
+    assert list(two) == ["trained", "trained-1"] and two["trained"]["accuracy"] == two["trained-1"]["accuracy"]
+    assert (out / "two" / "changes.md").read_text().startswith("# Largest changes in stated confidence")
+
+
+def test_training_log_plot(tmp_path):
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"step": s, "reward": 0.5, "calibration_gap": 0.3 - s / 10,
+                                       "accuracy": 0.4}) + "\n" for s in range(5)))
+    evaluate.main(["--plot-log", str(log), "--out", str(tmp_path)])
+    assert (tmp_path / "training.png").stat().st_size > 10_000
+
+
+def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatted):
+    ckpt = adapter(tiny_tied, tmp_path / "a.safetensors")
+    questions = formatted[1]
+    with pytest.raises(UserError, match="was trained on .* not --model"):
+        evaluate.main([ckpt, "--model", tiny_untied, "--dataset", questions, "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="checkpoint not found"):
+        evaluate.main([str(tmp_path / "missing.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        evaluate.main([str(tmp_path / "corrupt.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="no evaluation questions"):
+        evaluate.main(["--model", tiny_tied, "--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path)])
