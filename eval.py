@@ -20,6 +20,7 @@ import calib
 import lora
 from model import ChatTokenizer, UserError, load_model, model_id
 from rollout import generate
+from train import HelpFormatter
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
 # readable heuristic for the paper's behavioural finding, not a classifier.
@@ -34,7 +35,7 @@ TABLE = ["accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "auro
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[3:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoints", nargs="*", help="adapters to evaluate; none: the base model")
     p.add_argument("--model", help="base model (default: each checkpoint's own; without checkpoints "
                    "Qwen/Qwen3-4B-Instruct-2507)")
@@ -50,8 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the question subset, the rollouts and the bootstrap")
     p.add_argument("--out", default="runs/eval", help="folder for the per-question JSONL, PNG and markdown")
     p.add_argument("--json", help="write all metrics here (default: OUT/metrics.json)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   default="bfloat16" if torch.cuda.is_available() else "float32", help="weights' dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--plot-log", nargs="+", metavar="LOG", help="plot training logs (metrics.jsonl) and exit")
     args = p.parse_args(argv)
     if args.rollouts == 1 or args.rollouts < 0:
@@ -71,7 +73,7 @@ def load_system(checkpoint, args):
             raise UserError(f"{checkpoint} was trained on {meta['base_model']!r}, not --model {base!r}")
         base = base or meta["base_model"]
     base = base or "Qwen/Qwen3-4B-Instruct-2507"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype)
     model = load_model(base, dtype, args.device)
     if checkpoint is not None:
         lora.load_adapter(model, checkpoint)

@@ -37,6 +37,10 @@ from rollout import generate
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the examples' layout and shows every default."""
+
+
 def unit_interval(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -46,11 +50,12 @@ def unit_interval(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[-3:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507", help="hub id or local model directory")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   default="bfloat16" if torch.cuda.is_available() else "float32", help="weights' dtype")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="triviaqa", help="'triviaqa' (its train split) or a JSONL of "
                    '{"question": ..., "answers": [...]}')
@@ -233,7 +238,7 @@ def train(args):
     total_steps = steps_per_epoch * args.epochs
 
     config, state = open_run(args)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)   # LoRA A's initialization
     model = lora.add_lora(load_model(args.model, dtype, args.device), args.rank, args.alpha, args.targets.split(","))
     tok = ChatTokenizer(args.model)
