@@ -106,3 +106,21 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
         train.main(args)
     with pytest.raises(UserError, match=r"holds another run \(its config differs in: lr\)"):
         train.main(args + ["--resume", "--lr", "0.5"])
+
+
+def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkeypatch):
+    model = lora.add_lora(load_model(tiny_untied))
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data.normal_(0, 0.05)
+    prompts, completions = [[5, 6, 7], [9, 10]], [[11, 12, 13, 14, 2], [13, 2]]
+
+    def value_and_grads():
+        model.zero_grad()
+        logp = train.completion_logprobs(model, prompts, completions)
+        (logp * torch.tensor([1.0, -2.0])).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    whole, whole_grads = value_and_grads()
+    monkeypatch.setattr(train, "LOGIT_CHUNK", 2)   # 7 completion tokens: 4 chunks
+    chunked, chunked_grads = value_and_grads()
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, chunked_grads))
