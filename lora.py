@@ -116,9 +116,17 @@ def load_adapter(model, path):
         raise UserError(f"{path} was trained on {meta['base_model']!r}, not {model.name_or_path!r}; "
                         f"pass --model {meta['base_model']}")
     add_lora(model, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"]))
+    if not set_adapter_state(model, tensors):
+        raise UserError(f"{path} does not fit {model.name_or_path}: its tensors are not this model's LoRA weights")
+    return meta
+
+
+def set_adapter_state(model, tensors):
+    """Copy adapter tensors (PEFT names, as adapter_state gives them) into the model's LoRA weights.
+    Returns False, changing nothing, when they are not exactly this model's LoRA weights."""
     own = {f"base_model.model.{name}": p for name, p in model.named_parameters() if "lora_" in name}
     if set(own) != set(tensors) or any(own[k].shape != v.shape for k, v in tensors.items()):
-        raise UserError(f"{path} does not fit {model.name_or_path}: its tensors are not this model's LoRA weights")
+        return False
     for key, value in tensors.items():
         own[key].data.copy_(value)
-    return meta
+    return True

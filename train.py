@@ -102,7 +102,7 @@ RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batc
 def open_run(args):
     """Create or reopen --out. Returns (config, state or None): state is the last checkpoint, when resuming."""
     os.makedirs(args.out, exist_ok=True)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config["model"] = model_id(args.model)
     config_file, state_file = os.path.join(args.out, "config.json"), os.path.join(args.out, "state.pt")
     if os.path.exists(config_file):
@@ -125,13 +125,6 @@ def save_checkpoint(args, model, optimizer, step, config):
     buffer = io.BytesIO()
     torch.save({"step": step, "adapter": lora.adapter_state(model), "optimizer": optimizer.state_dict()}, buffer)
     lora.write_atomic(os.path.join(args.out, "state.pt"), buffer.getvalue())
-
-
-def restore(model, optimizer, state):
-    own = {f"base_model.model.{n}": p for n, p in model.named_parameters() if "lora_" in n}
-    for key, value in state["adapter"].items():
-        own[key].data.copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
 
 
 def keep_metrics_until(path, step):
@@ -245,7 +238,9 @@ def train(args):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     start = 0
     if state is not None:
-        restore(model, optimizer, state)
+        if not lora.set_adapter_state(model, state["adapter"]):
+            raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
+        optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     log_file = os.path.join(args.out, "metrics.jsonl")
     keep_metrics_until(log_file, start)

@@ -1,7 +1,6 @@
 """calib.py: every definition against hand-computed values, the parser on real-looking outputs, metrics
 against independent computations, and the question loaders."""
 
-import json
 import math
 
 import numpy as np
