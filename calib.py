@@ -11,21 +11,21 @@ from collections import Counter
 
 import numpy as np
 
-from model import UserError
+from model import TINY, UserError
 
 # ----------------------------------------------------------------------------------------------------------
 # The prompt. The exact text lives here and nowhere else.
 
-PROMPT = """Answer the question below. You may reason briefly first. Then end your response with exactly these two lines:
-Answer: <your final answer, as short as possible>
-Confidence: <the probability, from 0% to 100%, that your answer is correct>
+PROMPT = """Answer the question. End your response with two lines:
+Answer: <your answer, as short as possible>
+Confidence: <from 0% to 100%, how likely your answer is correct>
 
 Question: {question}"""
 
 # The paper's prompting baseline: an instruction to express uncertainty conservatively.
-CALIBRATED_PROMPT = PROMPT.replace("Question: {question}", """Be careful about overconfidence: language models tend \
-to state high confidence even when they are wrong. Express your uncertainty conservatively. Use a high confidence \
-only if you are certain, and a low one whenever you are guessing or could be confusing facts.
+CALIBRATED_PROMPT = PROMPT.replace("Question: {question}", """Beware of overconfidence: language models tend to \
+state high confidence even when wrong. Express your uncertainty conservatively: a high confidence only if you are \
+certain, a low one whenever you are guessing or could be confusing facts.
 
 Question: {question}""")
 
@@ -46,7 +46,8 @@ CONFIDENCE = re.compile(r"confidence(?:\s+level)?\W*?[:：=]?\s*(\d+(?:\.\d+)?)\
 def parse(response):
     """(answer, confidence) from the response's last `Answer:` and `Confidence:` lines; None for what is missing.
 
-    The answer runs to the end of its line, or to a `Confidence` on the same line. Confidence accepts `85%`, `85 %`, `85 percent`, `0.85`, `**Confidence:** 85%` and trailing text; a bare
+    The answer runs to the end of its line, or to a `Confidence` on the same line. Confidence accepts `85%`,
+    `85 %`, `85 percent`, `0.85`, `**Confidence:** 85%` and trailing text; a bare
     number above 1 is read as a percentage. Anything outside [0, 1] after that is no confidence.
     """
     text = response.replace("*", "")   # markdown bold around labels or values
@@ -112,10 +113,12 @@ TRIVIAQA = "mandarjoshi/trivia_qa"
 
 
 def load_questions(dataset, split):
-    """A list of {"question", "answers"}: `dataset` is "triviaqa" (split "train" or "validation") or a JSONL
-    path (the split is then ignored)."""
+    """A list of {"question", "answers"}: `dataset` is "triviaqa" or "tiny" (the embedded world of world.py),
+    split "train" or "validation"; or a JSONL path (the split is then ignored)."""
     if dataset == "triviaqa":
         return load_triviaqa(split)
+    if dataset == "tiny":
+        return read_jsonl(os.path.join(TINY, f"{split}.jsonl"))
     if not os.path.isfile(dataset):
         raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa' nor a JSONL file")
     return read_jsonl(dataset)

@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("checkpoints", nargs="*", help="adapters to evaluate; none: the base model")
     p.add_argument("--model", help="base model (default: each checkpoint's own; without checkpoints "
                    "Qwen/Qwen3-4B-Instruct-2507)")
-    p.add_argument("--dataset", default="triviaqa", help="'triviaqa' (its validation split) or a JSONL file")
+    p.add_argument("--dataset", default="triviaqa",
+                   help="'triviaqa' (its validation split), 'tiny' (world.py's) or a JSONL file")
     p.add_argument("--n", type=int, default=1000, help="evaluation questions (a seeded subset; all if fewer)")
     p.add_argument("--prompt", choices=sorted(calib.PROMPTS), default="default",
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")

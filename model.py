@@ -244,10 +244,14 @@ class Qwen3(nn.Module):
 # Loading: a local directory or a hub id; safetensors only, sharded or not.
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")   # world.py's embedded model and data
 
 
 def resolve(name_or_path, allow_patterns=None):
-    """A local directory as is, else a Hugging Face hub id downloaded (or taken from the cache)."""
+    """'tiny' (the embedded model, from any working directory), a local directory as is, else a Hugging Face
+    hub id downloaded (or taken from the cache)."""
+    if name_or_path == "tiny":
+        return os.path.join(TINY, "model")
     if os.path.isdir(name_or_path):
         return name_or_path
     if not HUB_ID.match(name_or_path):
@@ -278,8 +282,9 @@ def from_state_dict(cfg, state):
 
 
 def model_id(name_or_path):
-    """How a model is named in adapter metadata: a hub id as is, a local directory as its absolute path."""
-    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+    """How a model is named in adapter metadata: 'tiny' and hub ids as they are, a local directory as its
+    absolute path."""
+    return os.path.abspath(name_or_path) if name_or_path != "tiny" and os.path.isdir(name_or_path) else name_or_path
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
@@ -329,12 +334,7 @@ class ChatTokenizer:
                 template = f.read()
         if template is None:
             raise UserError(f"{path} defines no chat template (tokenizer_config.json or chat_template.jinja)")
-        # The environment transformers renders templates in: sandboxed, trim_blocks and lstrip_blocks on.
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-        env.globals["raise_exception"] = _raise_template_error
-        self.template = env.from_string(template)
+        self.template = compile_template(template)
         self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
         # Stop tokens: every end-of-sequence id the model's files name (Qwen3: <|im_end|> and <|endoftext|>).
@@ -364,6 +364,15 @@ class ChatTokenizer:
         text = self.template.render(messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking,
                                     **self.special)
         return self.encode(text)
+
+
+def compile_template(text):
+    """A chat template in the environment transformers renders it in: sandboxed, trim_blocks and lstrip_blocks."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.globals["raise_exception"] = _raise_template_error
+    return env.from_string(text)
 
 
 def read_json(path):

@@ -35,10 +35,14 @@ from model import ChatTokenizer, UserError, load_model, model_id
 from rollout import generate
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
+LR, TINY_LR = 1e-4, 2e-3
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the examples' layout and shows every default."""
+    """--help keeps the examples' layout and shows every default that is set."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def unit_interval(text):
@@ -52,13 +56,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[-3:]),
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507", help="hub id or local model directory")
+    g.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507",
+                   help="hub id, local model directory, or 'tiny' (world.py's)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"],
                    default="bfloat16" if torch.cuda.is_available() else "float32", help="weights' dtype")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="triviaqa", help="'triviaqa' (its train split) or a JSONL of "
-                   '{"question": ..., "answers": [...]}')
+    g.add_argument("--dataset", default="triviaqa",
+                   help="""'triviaqa' (its train split), 'tiny' (world.py's) or a JSONL of """
+                        """{"question": ..., "answers": [...]}""")
     g.add_argument("--data", type=int, default=1600, help="size of the training pool, a seeded subset")
     g.add_argument("--epochs", type=int, default=2, help="passes over the pool")
     g = p.add_argument_group("method")
@@ -72,7 +78,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--batch", type=int, default=8, help="questions per step")
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward in the learning step")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA weights")
+    g.add_argument("--lr", type=float, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
+                   f"models; {TINY_LR} for --model tiny, whose 2M weights need larger steps)")
     g.add_argument("--rank", type=int, default=1, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=2.0, help="LoRA alpha (the update is scaled by alpha / rank)")
     g.add_argument("--targets", default=",".join(lora.TARGETS), help="comma-separated projections given a LoRA")
@@ -90,6 +97,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rollouts < 2:
         p.error("--rollouts must be at least 2: stability compares answers")
+    if args.lr is None:
+        args.lr = TINY_LR if args.model == "tiny" else LR
     return args
 
 

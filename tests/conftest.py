@@ -12,41 +12,20 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from world import CHAT_TEMPLATE  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
-# Qwen3's template for hybrid (thinking / non-thinking) models, tools left out; same constructs as the real one.
-HYBRID_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and not message.content.startswith('<tool_response>') %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if message.role == "user" or message.role == "system" %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set content = message.content %}
-        {%- if '</think>' in content %}
-            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
-        {%- endif %}
-        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
+# The tiny model's template is Qwen3-Instruct-2507's (tools left out); the hybrid models' (Qwen3-0.6B...) adds
+# an empty think block in non-thinking mode.
+INSTRUCT_TEMPLATE = CHAT_TEMPLATE
+HYBRID_TEMPLATE = CHAT_TEMPLATE.replace("""    {{- '<|im_start|>assistant\\n' }}
+""", """    {{- '<|im_start|>assistant\\n' }}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
-{%- endif %}"""
-
-# The Instruct-2507 models' template: no thinking block at all.
-INSTRUCT_TEMPLATE = HYBRID_TEMPLATE.replace("""    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\\n\\n</think>\\n\\n' }}
-    {%- endif %}
-""", "")
+""")
+assert HYBRID_TEMPLATE != INSTRUCT_TEMPLATE
 
 CORPUS = [
     "Question: What is the capital of France? Answer: Paris. Confidence: 90%",

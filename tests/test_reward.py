@@ -49,4 +49,5 @@ def test_correct_weight_adds_a_correctness_bonus_on_labeled_questions_only():
     bonus, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=True, correct_weight=1.0)
     for p, b, right, ok in zip(plain, bonus, parts["correct"], parts["parsed"]):
         assert b == pytest.approx(p + (1.0 if right and ok else 0.0))
-    assert reward.group_rewards(RESPONSES, ["Paris"], False, 1.0)[0] == reward.group_rewards(RESPONSES, ["Paris"], False)[0]
+    unlabeled = reward.group_rewards(RESPONSES, ["Paris"], False, 1.0)[0]
+    assert unlabeled == reward.group_rewards(RESPONSES, ["Paris"], False)[0]

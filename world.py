@@ -1,0 +1,318 @@
+"""Build the embedded tiny setting: a synthetic world of fictional people, question sets about it, and a tiny
+Qwen3 pretrained on text about it, so the whole method runs offline on a CPU in minutes.
+
+The world: people with made-up one-word names, five facts each (birth city, profession, instrument, birth
+year, pet). Some people are famous, some obscure, some never written about: the facts of a famous person are
+mentioned in the pretraining text 20 to 40 times, an obscure one's 3 to 8 times, an unwritten one's never
+(per epoch: a tiny model needs hundreds of exposures to memorize a fact).
+So the model knows some answers, half-knows others and must guess the rest; sampled answers agree when it
+knows and scatter when it guesses, as with a real model (whose accuracy also follows an entity's popularity).
+
+The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
+facts that no training or evaluation question asks about. Their stated confidence is spread out (30%-99%)
+and mostly high, and only weakly tied to the person's fame, so the untrained model is overconfident and its
+confidence barely tracks correctness, as the paper found for Qwen3-4B (r = 0.12).
+
+Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
+validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
+split, for analysis) and MANIFEST (sha256 of every file). Same seed, same files.
+
+    python world.py                  # rebuild tiny/ (about 20 minutes on 2 CPU cores)
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import calib
+from model import Qwen3, Qwen3Config, compile_template
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Qwen3-Instruct-2507's chat template without its tool-calling parts: the tiny model is an instruct model.
+CHAT_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not message.content.startswith('<tool_response>') %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == "user" or message.role == "system" %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- if '</think>' in content %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}"""
+
+# ----------------------------------------------------------------------------------------------------------
+# The world.
+
+SYLLABLES = ["ka", "ve", "ro", "tal", "min", "dor", "sel", "qui", "bar", "nis", "lo", "fen", "gar", "thu", "ex",
+             "pra", "mo", "zel", "ian", "cor", "du", "wen", "ost", "ril", "ha", "jo", "sti", "vak", "ne", "ul"]
+
+# Answer pools of 8: small enough that a 2M-parameter model memorizes thousands of facts in minutes.
+CITIES = ["Port Avel", "Lake Morrow", "Brackwater", "Fendale", "Saint Orrin", "Dunmere", "Corvin Falls", "Varda"]
+PROFESSIONS = ["glassblower", "cartographer", "beekeeper", "locksmith", "astronomer", "lighthouse keeper", "weaver",
+               "clockmaker"]
+INSTRUMENTS = ["cello", "oboe", "harp", "lute", "trombone", "zither", "banjo", "flute"]
+PETS = ["tortoise", "ferret", "parrot", "goat", "hedgehog", "raven", "owl", "donkey"]
+
+# Per attribute: the question (as the question sets ask it), six ways the pretraining text states it, the
+# answer pool, and each answer's aliases (an alias also counts as correct).
+ATTRIBUTES = {
+    "city": ("In which city was {name} born?",
+             ["{name} was born in {v}.", "{name}, born in {v}.", "Birthplace of {name}: {v}.",
+              "{v} is where {name} was born.", "{name} came from {v}.", "{name} is a native of {v}."],
+             CITIES),
+    "profession": ("What was {name}'s profession?",
+                   ["{name} worked as a {v}.", "{name}, a {v} by trade.", "Profession of {name}: {v}.",
+                    "The {v} {name}.", "{name} was a {v}.", "{name} earned a living as a {v}."],
+                   PROFESSIONS),
+    "instrument": ("Which instrument did {name} play?",
+                   ["{name} played the {v}.", "{name}, a {v} player.", "Instrument of {name}: {v}.",
+                    "The {v} was played by {name}.", "{name} performed on the {v}.", "{name} practiced the {v}."],
+                   INSTRUMENTS),
+    "year": ("In what year was {name} born?",
+             ["{name} was born in the year {v}.", "{name}, born {v}.", "Birth year of {name}: {v}.",
+              "In {v}, {name} was born.", "{name} was born in {v}.", "Records give {v} for {name}'s birth."],
+             [str(y) for y in range(1890, 1898)]),
+    "pet": ("What kind of animal was {name}'s pet?",
+            ["{name} kept a {v} as a pet.", "{name}, owner of a {v}.", "Pet of {name}: {v}.",
+             "A {v} lived with {name}.", "{name} owned a pet {v}.", "{name} loved a pet {v}."],
+            PETS),
+}
+
+
+def aliases(attribute, value):
+    """Answers that count as correct: the value, and for a two-word city its distinctive word
+    ("Port Avel" / "Avel"), for a profession with a space its closed form ("lighthouse keeper" / "lighthousekeeper")."""
+    out = [value]
+    if attribute == "city" and " " in value:
+        out.append(max(value.split(), key=len))
+    if attribute == "profession" and " " in value:
+        out.append(value.replace(" ", ""))
+    return out
+
+
+def make_world(rng, n_people):
+    """People with unique made-up names, a fame class each, and their five facts with mention counts."""
+    names = set()
+    while len(names) < n_people:
+        names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3, 3]))).capitalize())
+    facts = []
+    for name in sorted(names):
+        fame = rng.choices(["famous", "obscure", "unwritten"], weights=[0.45, 0.15, 0.40])[0]
+        for attribute, (_, _, pool) in ATTRIBUTES.items():
+            mentions = {"famous": rng.randint(20, 40), "obscure": rng.randint(3, 8), "unwritten": 0}[fame]
+            facts.append({"name": name, "attribute": attribute, "value": rng.choice(pool), "fame": fame,
+                          "mentions": mentions})
+    return facts
+
+
+def split_facts(rng, facts, n_eval, n_train):
+    """Disjoint fact sets: evaluation, the RL training pool, and the rest for chat examples in pretraining."""
+    order = list(range(len(facts)))
+    rng.shuffle(order)
+    for rank, i in enumerate(order):
+        facts[i]["split"] = "validation" if rank < n_eval else "train" if rank < n_eval + n_train else "chat"
+
+
+def question(fact):
+    return ATTRIBUTES[fact["attribute"]][0].format(name=fact["name"])
+
+
+def stated_confidence(rng, fame):
+    """The confidence a chat example states: mostly high, spread from 30% to 99%, and only a few points
+    higher for famous people than for unwritten ones, so it carries little information about correctness."""
+    mean = {"famous": 80, "obscure": 77, "unwritten": 75}[fame]
+    return int(min(99, max(30, 5 * round(rng.gauss(mean, 14) / 5))))
+
+
+def corpus(rng, facts, chat_repeats):
+    """Pretraining documents: paragraphs of fact statements (each fact as often as its mention count, in
+    random phrasings) and chat-format question-answer examples about the chat facts."""
+    sentences = []
+    for f in facts:
+        phrasings = ATTRIBUTES[f["attribute"]][1]
+        sentences += [rng.choice(phrasings).format(name=f["name"], v=f["value"]) for _ in range(f["mentions"])]
+    rng.shuffle(sentences)
+    documents = [" ".join(sentences[i:i + 6]) for i in range(0, len(sentences), 6)]
+    for f in facts:
+        if f["split"] == "chat":
+            for _ in range(chat_repeats):
+                reply = f"Answer: {f['value']}\nConfidence: {stated_confidence(rng, f['fame'])}%"
+                documents.append(calib.messages(question(f)) + [{"role": "assistant", "content": reply}])
+    rng.shuffle(documents)
+    return documents
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and model.
+
+
+def train_tokenizer(texts, vocab_size, names):
+    """Byte-level BPE like Qwen's, one token per digit (as Qwen3 splits numbers), Qwen3's special tokens, and
+    one token per person's name: a 2M-parameter model can memorize facts keyed by one embedding, not facts
+    keyed by a sequence of syllable pieces (a first build with such names learned almost nothing)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(name, single_word=True, normalized=False) for name in names])
+    return tok
+
+
+def render(document, template):
+    """A paragraph as is; a chat example through the model's own template (as ChatTokenizer renders it)."""
+    if isinstance(document, str):
+        return document
+    return template.render(messages=document, add_generation_prompt=False)
+
+
+def pretrain(cfg, stream, args):
+    """Next-token prediction on the packed token stream: AdamW, linear warm-up then cosine decay."""
+    torch.manual_seed(args.seed)
+    model = Qwen3(cfg)
+    for name, p in model.named_parameters():   # Qwen-style init: normal(0, 0.02), norms at 1
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    windows = stream[:len(stream) // (args.context + 1) * (args.context + 1)].view(-1, args.context + 1)
+    steps_per_epoch = len(windows) // args.batch
+    total = steps_per_epoch * args.epochs
+    generator = torch.Generator().manual_seed(args.seed)
+    step, start = 0, time.time()
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(windows), generator=generator)
+        for k in range(steps_per_epoch):
+            lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = windows[order[k * args.batch:(k + 1) * args.batch]]
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.view(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            if step % 100 == 0 or step == total:
+                eta = (time.time() - start) / step * (total - step)
+                print(f"pretrain step {step}/{total} epoch {epoch + 1} loss {loss.item():.3f} lr {lr:.2e} "
+                      f"eta {eta / 60:.1f} min", flush=True)
+    return model
+
+
+def save_model(model, tok, path):
+    os.makedirs(path, exist_ok=True)
+    cfg = model.cfg
+    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **vars(cfg),
+              "bos_token_id": None, "eos_token_id": tok.token_to_id("<|im_end|>"),
+              "pad_token_id": tok.token_to_id("<|endoftext|>"), "torch_dtype": "float32"}
+    write_json(os.path.join(path, "config.json"), config)
+    write_json(os.path.join(path, "generation_config.json"),
+               {"eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]})
+    write_json(os.path.join(path, "tokenizer_config.json"),
+               {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings})
+    tok.save(os.path.join(path, "tokenizer.json"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}   # tied
+    save_file(state, os.path.join(path, "model.safetensors"))
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_questions(path, facts):
+    with open(path, "w") as f:
+        for fact in facts:
+            f.write(json.dumps({"question": question(fact), "answers": aliases(fact["attribute"], fact["value"])})
+                    + "\n")
+
+
+def manifest(out):
+    """sha256 of every file under out, so a test can check the committed files are intact."""
+    lines = []
+    for root, _, files in os.walk(out):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name != "MANIFEST":
+                with open(path, "rb") as f:
+                    lines.append(f"{hashlib.sha256(f.read()).hexdigest()}  {os.path.relpath(path, out)}")
+    with open(os.path.join(out, "MANIFEST"), "w") as f:
+        f.write("\n".join(sorted(lines, key=lambda line: line.split()[1])) + "\n")
+
+
+def build(args):
+    rng = random.Random(args.seed)
+    facts = make_world(rng, args.people)
+    split_facts(rng, facts, args.eval_questions, args.train_questions)
+    documents = corpus(rng, facts, args.chat_repeats)
+    template = compile_template(CHAT_TEMPLATE)
+    texts = [render(d, template) for d in documents]
+    tok = train_tokenizer(texts, args.vocab, sorted({f["name"] for f in facts}))
+    eot = tok.token_to_id("<|endoftext|>")
+    stream = torch.tensor([t for text in texts for t in tok.encode(text).ids + [eot]])
+    print(f"world: {len(facts)} facts about {args.people} people; corpus {len(documents)} documents, "
+          f"{len(stream) / 1e6:.2f}M tokens; {args.epochs} epochs", flush=True)
+
+    cfg = Qwen3Config(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32, num_key_value_heads=2,
+                      head_dim=32, rope_theta=10_000.0, tie_word_embeddings=True, max_position_embeddings=1024)
+    model = pretrain(cfg, stream, args)
+    os.makedirs(args.out, exist_ok=True)
+    save_model(model, tok, os.path.join(args.out, "model"))
+    write_questions(os.path.join(args.out, "train.jsonl"), [f for f in facts if f["split"] == "train"])
+    write_questions(os.path.join(args.out, "validation.jsonl"), [f for f in facts if f["split"] == "validation"])
+    with open(os.path.join(args.out, "facts.jsonl"), "w") as f:
+        f.writelines(json.dumps({"question": question(x), **x}) + "\n" for x in facts)
+    manifest(args.out)
+    print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=os.path.join(HERE, "tiny"), help="where to write the model and question sets")
+    p.add_argument("--seed", type=int, default=0, help="seeds the world, the corpus and the training")
+    p.add_argument("--people", type=int, default=1250, help="people in the world (5 facts each)")
+    p.add_argument("--eval-questions", type=int, default=1050, help="held-out evaluation questions")
+    p.add_argument("--train-questions", type=int, default=5000, help="RL training pool")
+    p.add_argument("--chat-repeats", type=int, default=5, help="chat examples per chat fact")
+    p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=192, help="hidden size (heads of 32 dimensions)")
+    p.add_argument("--context", type=int, default=128, help="pretraining window")
+    p.add_argument("--batch", type=int, default=16, help="pretraining windows per step")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the corpus")
+    p.add_argument("--lr", type=float, default=4e-3)
+    build(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
