@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("checkpoints", nargs="*", help="adapters to evaluate; none: the base model")
     p.add_argument("--model", help="base model (default: each checkpoint's own; without checkpoints "
                    "Qwen/Qwen3-4B-Instruct-2507)")
-    p.add_argument("--dataset", default="triviaqa",
-                   help="'triviaqa' (its validation split), 'tiny' (world.py's) or a JSONL file")
+    p.add_argument("--dataset", help="'triviaqa' (its validation split), 'tiny' (world.py's) or a JSONL file "
+                   "(default: 'tiny' for the tiny model, else 'triviaqa')")
     p.add_argument("--n", type=int, default=1000, help="evaluation questions (a seeded subset; all if fewer)")
     p.add_argument("--prompt", choices=sorted(calib.PROMPTS), default="default",
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
@@ -218,8 +218,9 @@ def main(argv=None):
         plot_logs(args.plot_log, os.path.join(args.out, "training.png"))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
-    for checkpoint in args.checkpoints:   # every file checked before hours of generation
-        lora.read_adapter(checkpoint)
+    bases = [lora.read_adapter(c)[1]["base_model"] for c in args.checkpoints]   # every file checked up front
+    if args.dataset is None:
+        args.dataset = "tiny" if "tiny" in bases + [args.model] else "triviaqa"
     pool = calib.load_questions(args.dataset, "validation")
     if not pool:
         raise UserError(f"{args.dataset} holds no evaluation questions")

@@ -57,8 +57,7 @@ def test_public_commands_train_and_evaluate_tiny(tmp_path):
     assert (tmp_path / "ckpt.safetensors").exists() and (tmp_path / "runs" / "train" / "metrics.jsonl").exists()
     log = [json.loads(line) for line in open(tmp_path / "runs" / "train" / "metrics.jsonl")]
     assert len(log) == 2 and all(r["parse_failure_rate"] < 0.5 for r in log)
-    table = run("eval.py", "ckpt.safetensors", "--dataset", "tiny", "--n", "24", "--max-new-tokens", "24",
-                "--bootstrap", "20")
+    table = run("eval.py", "ckpt.safetensors", "--n", "24", "--max-new-tokens", "24", "--bootstrap", "20")
     results = json.load(open(tmp_path / "runs" / "eval" / "metrics.json"))
     assert results["ckpt"]["n"] == 24 and results["ckpt"]["parse_failure_rate"] < 0.5
     assert "calibration_gap" in table
