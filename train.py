@@ -35,7 +35,7 @@ from model import ChatTokenizer, UserError, load_model, model_id
 from rollout import generate
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
-LR, TINY_LR = 1e-4, 2e-3
+LR, TINY_LR = 1e-4, 3e-4
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
