@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from model import Qwen3Config, from_state_dict
-from rollout import generate, sample
+from rollout import generate, left_pad, sample
 
 SHAPES = {   # Qwen3 config.json fields; all keep the real vocabulary, where much of the cost is
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -78,15 +78,6 @@ def raise_stop_logit(hf, prompts, device, target=1 / 24):
     hf.lm_head.weight[STOP] *= scales[(p - target).abs().argmin()].item()
 
 
-def padded(prompts, device):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), PAD)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-    return ids.to(device), mask.to(device)
-
-
 def reset_peak(device):
     """Start peak-memory accounting afresh, after the model is built (building it peaks higher)."""
     if device == "cuda":
@@ -123,7 +114,8 @@ def measure(side, workload, shape, dtype, device, queue):
             out = generate(model, Vocab(stop), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=seed)
             return [len(c.ids) for c in out]
     else:
-        ids, mask = padded(prompts, device)
+        ids, valid = left_pad(prompts, PAD, device)
+        mask = valid.long()
 
         def run(seed):
             torch.manual_seed(seed)

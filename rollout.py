@@ -49,6 +49,23 @@ def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)                 # zero-probability words never hit
 
 
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[token] per row, in fp32, as logit - logsumexp(logits): no (B, V) log-softmax kept."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def left_pad(prompts, pad_id, device="cpu"):
+    """(ids, valid) of shape (B, P): every prompt ends at slot P-1, valid is False on the padding."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        valid[i, P - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
 @torch.no_grad()
 def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     """Sample n completions for each prompt (lists of token ids). Returns len(prompts) * n Completions,
@@ -58,13 +75,9 @@ def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_
     """
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), tok.pad_id, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    for i, p in enumerate(prompts):   # left padding: every prompt ends at slot P-1
-        ids[i, P - len(p):] = torch.tensor(p)
-        valid[i, P - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
+    B = len(prompts)
+    ids, valid = left_pad(prompts, tok.pad_id, device)
+    P = ids.shape[1]
 
     cache = KVCache(model.cfg, B, P + max_new_tokens, model.lm_head.weight.dtype, device)
     logits = model(ids, valid, cache=cache, last_only=True)   # (B, V): prefill once per prompt
@@ -79,8 +92,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_
     out_lp = [[] for _ in range(B * n)]
     for step in range(max_new_tokens):
         token = sample(logits, generator, temperature, top_k, top_p)                  # (A,)
-        logits = logits.float()
-        token_lp = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)  # log softmax at token
+        token_lp = token_logprobs(logits, token)
         for s, t, lp in zip(seq.tolist(), token.tolist(), token_lp.tolist()):
             out_ids[s].append(t)
             out_lp[s].append(lp)

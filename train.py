@@ -32,7 +32,7 @@ import calib
 import lora
 import reward
 from model import ChatTokenizer, UserError, load_model, model_id
-from rollout import generate
+from rollout import generate, token_logprobs
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
 LR, TINY_LR = 1e-4, 3e-4
@@ -160,9 +160,8 @@ def rollouts(model, tok, questions, args, step):
 
 
 def head_logprobs(lm_head, h, tokens):
-    """log softmax(lm_head(h))[token], in fp32: log p = logit - logsumexp(logits)."""
-    logits = lm_head(h).float()
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    """log p(token) from hidden states: the LM head, then rollout.token_logprobs (fp32)."""
+    return token_logprobs(lm_head(h), tokens)
 
 
 def completion_logprobs(model, prompts, completions):
