@@ -4,8 +4,9 @@
     unlabeled question:  R = 1 - (s - c)^2              s = the question's stability over its N rollouts
     unparseable answer or confidence:  R = 0            the worst reward either can give
 
-`--mix` is the probability that a training question is labeled; the draw is seeded and made once per question,
-so a question keeps its kind across epochs. The Brier reward alone pays a confidently wrong answer stated at
+`--mix` is the probability that a training question is labeled. Each question draws one seeded uniform u once,
+and is labeled while u < mix: so it keeps its kind across epochs, and under a curriculum (`--mix-schedule`)
+a falling mix only turns labeled questions into unlabeled ones (a rising one the reverse). The Brier reward alone pays a confidently wrong answer stated at
 0% as much as a right one at 100%: nothing in it rewards being right. RLCR (Damani et al. 2025) adds a
 correctness term for that reason; `correct_weight` W adds W * correct on labeled questions (0 = the paper).
 """
@@ -24,7 +25,8 @@ def stability_reward(stability, confidence):
 
 
 def labeled_draw(n_questions, mix, seed):
-    """Which of the pool's questions are labeled: each one independently with probability `mix`."""
+    """Which of the pool's questions are labeled: each one independently with probability `mix`, through its
+    own uniform draw u < mix (the same draws at every step, whatever the mix)."""
     return np.random.default_rng([seed, 1]).random(n_questions) < mix
 
 

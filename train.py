@@ -52,6 +52,22 @@ def unit_interval(text):
     return value
 
 
+def mix_schedule(text):
+    try:
+        start, end = (unit_interval(x) for x in text.split(":"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be START:END with both in [0, 1] (e.g. 1:0), got {text}") from None
+    return start, end
+
+
+def mix_at(args, step, total_steps):
+    """The share of labeled questions at this step: --mix, or the linear curriculum of --mix-schedule."""
+    if args.mix_schedule is None:
+        return args.mix
+    start, end = args.mix_schedule
+    return start + (end - start) * step / max(1, total_steps - 1)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[-3:]),
                                 formatter_class=HelpFormatter)
@@ -70,6 +86,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("method")
     g.add_argument("--mix", type=unit_interval, default=0.5,
                    help="share of labeled questions (Brier reward); the rest get the stability reward")
+    g.add_argument("--mix-schedule", type=mix_schedule, metavar="START:END",
+                   help="a curriculum instead of a constant --mix: the share of labeled questions moves linearly "
+                        "from START at the first step to END at the last (e.g. 1:0, labeled-heavy first)")
     g.add_argument("--correct-weight", type=float, default=0.0,
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
     g.add_argument("--rollouts", type=int, default=8, help="answers sampled per question (N)")
@@ -111,7 +130,7 @@ RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batc
 def open_run(args):
     """Create or reopen --out. Returns (config, state or None): state is the last checkpoint, when resuming."""
     os.makedirs(args.out, exist_ok=True)
-    config = dict(vars(args))
+    config = json.loads(json.dumps(vars(args)))   # as config.json holds it (tuples become lists)
     config["model"] = model_id(args.model)
     config_file, state_file = os.path.join(args.out, "config.json"), os.path.join(args.out, "state.pt")
     if os.path.exists(config_file):
@@ -234,7 +253,6 @@ def train(args):
         raise UserError(f"--data {args.data} is larger than the pool: {args.dataset} has {len(pool)} training "
                         "questions")
     pool = [pool[i] for i in np.random.default_rng([args.seed, 0]).permutation(len(pool))[:args.data]]
-    labeled = reward.labeled_draw(len(pool), args.mix, args.seed)
     steps_per_epoch = math.ceil(len(pool) / args.batch)
     total_steps = steps_per_epoch * args.epochs
 
@@ -260,6 +278,7 @@ def train(args):
         order = np.random.default_rng([args.seed, 2, epoch]).permutation(len(pool))
         idx = order[k * args.batch:(k + 1) * args.batch]
         questions = [pool[i] for i in idx]
+        labeled = reward.labeled_draw(len(pool), mix_at(args, step, total_steps), args.seed)
 
         t0 = time.perf_counter()
         prompts, out = rollouts(model, tok, questions, args, step)
@@ -273,7 +292,7 @@ def train(args):
         t2 = time.perf_counter()
 
         n_tokens = sum(len(c.ids) for c in out)
-        record = {"step": step, "epoch": epoch, **step_record(groups, [bool(labeled[i]) for i in idx], n_tokens),
+        record = {"step": step, "epoch": epoch, "mix": mix_at(args, step, total_steps), **step_record(groups, [bool(labeled[i]) for i in idx], n_tokens),
                   "loss": loss, "rollout_s": t1 - t0, "learn_s": t2 - t1, "tokens_per_s": n_tokens / (t1 - t0)}
         with open(log_file, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -22,6 +22,12 @@ def test_mix_draw_is_seeded_and_has_the_asked_share():
     assert not reward.labeled_draw(100, 0.0, 0).any() and reward.labeled_draw(100, 1.0, 0).all()
 
 
+def test_a_falling_mix_only_turns_labeled_questions_unlabeled():
+    draws = [reward.labeled_draw(1000, mix, seed=2) for mix in (0.9, 0.6, 0.3, 0.0)]
+    for more, fewer in zip(draws, draws[1:]):
+        assert (more >= fewer).all() and more.sum() > fewer.sum()
+
+
 RESPONSES = ["Answer: Paris\nConfidence: 90%", "Answer: paris.\nConfidence: 60%", "Answer: Lyon\nConfidence: 0%",
              "no idea what to say", "Answer: Paris\nConfidence: 100%", "Answer: Paris\nConfidence: 80%",
              "Answer: Nice\nConfidence: 50%", "Answer: Paris"]

@@ -91,11 +91,28 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mix_schedule_moves_the_labeled_share_linearly(tmp_path, formatted):
+    model_dir, questions = formatted
+    folder = run(tmp_path, model_dir, questions, "--mix-schedule", "1:0", "--data", "24", "--batch", "8",
+                 "--epochs", "1", "--rollouts", "2", "--save-every", "9")
+    log = records(folder)
+    assert [r["mix"] for r in log] == [1.0, 0.5, 0.0]
+    assert log[0]["labeled_share"] == 1.0 and log[-1]["labeled_share"] == 0.0
+    assert json.load(open(folder / "config.json"))["mix_schedule"] == [1.0, 0.0]
+    train.main(["--model", model_dir, "--dataset", questions, "--data", "24", "--batch", "8", "--epochs", "1",
+                "--rollouts", "2", "--max-new-tokens", "12", "--lr", "5e-3", "--save-every", "9", "--out",
+                str(folder), "--ckpt", str(tmp_path / "again.safetensors"), "--mix-schedule", "1:0", "--resume"])
+    assert len(records(folder)) == 3   # the finished run's config.json matches on resume
+
+
 def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
     questions = write_questions(tmp_path / "q.jsonl", n=10)
     with pytest.raises(SystemExit):
         train.parse_args(["--mix", "1.5"])
     assert "--mix: must be in [0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--mix-schedule", "1-0"])
+    assert "--mix-schedule: must be START:END with both in [0, 1] (e.g. 1:0), got 1-0" in capsys.readouterr().err
     with pytest.raises(UserError, match="--data 11 is larger than the pool.*10 training questions"):
         train.main(["--model", tiny_tied, "--dataset", questions, "--data", "11", "--out", str(tmp_path / "r")])
     args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "1", "--batch", "4",
