@@ -182,25 +182,32 @@ def changes_markdown(records_by_label, path, top=20):
         f.write("\n".join(lines))
 
 
-def plot_logs(logs, path):
-    """Reward, calibration gap and accuracy of training runs over their steps (the paper's Figure 2a)."""
+def read_records(path):
+    """The rows of a JSONL file we wrote: a training log (metrics.jsonl) or per-question responses."""
+    if not os.path.isfile(path):
+        raise UserError(f"not found: {path}")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_logs(runs, path, window=1):
+    """Reward, calibration gap and accuracy over training, one line per run (the paper's Figure 2a).
+    runs: {label: rows of metrics.jsonl}. A step sees only a batch of questions, so a moving average over
+    `window` steps shows the trend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    for log in logs:
-        if not os.path.isfile(log):
-            raise UserError(f"training log not found: {log}")
-        with open(log) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        label = os.path.basename(os.path.dirname(os.path.abspath(log)))
+    for label, rows in runs.items():
         for ax, key in zip(axes, ("reward", "calibration_gap", "accuracy")):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            ax.plot([s for s, _ in points], [v for _, v in points], label=label, lw=1)
+            values = np.array([v for _, v in points])
+            smooth = [values[max(0, i - window + 1):i + 1].mean() for i in range(len(values))]
+            ax.plot([s for s, _ in points], smooth, label=label, lw=1)
             ax.set_ylabel(key.replace("_", " "))
     axes[1].axhline(0, color="k", lw=0.5)
     axes[0].legend(fontsize=8)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel("step" + (f" (moving average over {window} steps)" if window > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -215,7 +222,8 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.plot_log:
-        plot_logs(args.plot_log, os.path.join(args.out, "training.png"))
+        runs = {os.path.basename(os.path.dirname(os.path.abspath(log))): read_records(log) for log in args.plot_log}
+        plot_logs(runs, os.path.join(args.out, "training.png"))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
     bases = [lora.read_adapter(c)[1]["base_model"] for c in args.checkpoints]   # every file checked up front

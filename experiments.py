@@ -1,0 +1,299 @@
+"""Reproduce the paper's experiments with one command: a named grid of training runs and evaluations, then a
+report that puts the paper's figures beside ours.
+
+    python experiments.py paper --model tiny --dataset tiny --out results/tiny-paper   # ~45 min on 2 CPU cores
+    python experiments.py paper --seeds 3                # Qwen3-4B-Instruct-2507 on TriviaQA (needs a GPU)
+    python experiments.py sweep --model tiny --dataset tiny --train-args="--lr 2e-4"
+
+Grids:
+  paper       the study: the sanity check (stability vs stated confidence), the abundant-data ablation
+              (5,000 questions, 1 epoch, mix 1 / 0.5 / 0), the scarce-data runs (1,600 questions: A = mix 1 for
+              1 epoch, B = mix 1 for 2 epochs, C = mix 0.5 for 2 epochs) and the prompting baseline
+  sweep       mix in {0, 0.25, 0.5, 0.75, 1}, 1,600 questions, 2 epochs
+  rlcr        runs A, B, C with the RLCR-style correctness bonus (--correct-weight 1) beside the paper's reward
+  curriculum  a labeled share moving 1 -> 0 or 0 -> 1 over training (--mix-schedule) beside a constant 0.5
+
+Every condition trains in OUT/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors)
+and is evaluated greedily on the held-out set in OUT/<condition>-seed<k>/eval/ (eval.py's outputs). Rerunning
+the same command skips what is finished and resumes an interrupted training run. OUT/report.md holds the
+tables, OUT/training-*.png the calibration gap and accuracy over training, OUT/reliability-*.png the final
+checkpoints' reliability diagrams.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import eval as evaluate
+import lora
+import train
+from model import UserError
+
+# ----------------------------------------------------------------------------------------------------------
+# The conditions: train.py flags (none: the untrained model) and eval.py flags.
+
+
+@dataclass(frozen=True)
+class Condition:
+    train: tuple = ()   # train.py flags; empty: the untrained model, evaluated as it is
+    eval: tuple = ()    # eval.py flags added to the greedy evaluation
+
+
+SCARCE = ("--data", "1600", "--epochs", "2")
+CONDITIONS = {
+    "untrained": Condition(eval=("--rollouts", "8")),   # 8 sampled answers per question: the sanity check
+    "prompted": Condition(eval=("--prompt", "calibrated")),
+    "brier-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "1")),
+    "mixed-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0.5")),
+    "stability-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0")),
+    "A": Condition(train=("--data", "1600", "--epochs", "1", "--mix", "1")),
+    "B": Condition(train=(*SCARCE, "--mix", "1")),
+    "C": Condition(train=(*SCARCE, "--mix", "0.5")),
+    "A-rlcr": Condition(train=("--data", "1600", "--epochs", "1", "--mix", "1", "--correct-weight", "1")),
+    "B-rlcr": Condition(train=(*SCARCE, "--mix", "1", "--correct-weight", "1")),
+    "C-rlcr": Condition(train=(*SCARCE, "--mix", "0.5", "--correct-weight", "1")),
+    "mix-0": Condition(train=(*SCARCE, "--mix", "0")),
+    "mix-0.25": Condition(train=(*SCARCE, "--mix", "0.25")),
+    "mix-0.75": Condition(train=(*SCARCE, "--mix", "0.75")),
+    "labeled-first": Condition(train=(*SCARCE, "--mix-schedule", "1:0")),
+    "unlabeled-first": Condition(train=(*SCARCE, "--mix-schedule", "0:1")),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# The grids: tables of (condition, row label, the paper's figures). Figures are the metrics.json keys of eval.py,
+# plus gap_reduction (1 - gap / the untrained gap).
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple
+    rows: tuple   # (condition, label, {column: the paper's figure})
+    note: str = ""
+
+
+TRAINED = ("accuracy", "calibration_gap", "auroc", "ece")
+GRIDS = {
+    "paper": [
+        Table("Sanity check: stability predicts correctness (untrained, 8 rollouts)",
+              ("r_stability_correct", "r_confidence_correct", "auroc"),
+              (("untrained", "untrained model", {"r_stability_correct": 0.48, "r_confidence_correct": 0.12}),),
+              "The paper used 150 TriviaQA questions; ours uses the whole evaluation set."),
+        Table("Abundant labels: 5,000 questions, 1 epoch", TRAINED,
+              (("untrained", "untrained", {}),
+               ("brier-5000", "100% Brier (mix 1)", {"accuracy": 0.449, "calibration_gap": 0.052}),
+               ("mixed-5000", "50/50 mixed (mix 0.5)", {"accuracy": 0.423, "calibration_gap": 0.130}),
+               ("stability-5000", "100% stability (mix 0)", {"accuracy": 0.406, "calibration_gap": 0.219}))),
+        Table("Scarce labels: 1,600 questions", TRAINED,
+              (("untrained", "untrained", {}),
+               ("A", "A: 100% Brier, 1 epoch", {"accuracy": 0.497, "calibration_gap": 0.300}),
+               ("B", "B: 100% Brier, 2 epochs", {"accuracy": 0.315, "calibration_gap": 0.057}),
+               ("C", "C: 50% Brier + 50% stability, 2 epochs", {"accuracy": 0.436, "calibration_gap": 0.114})),
+              "The paper: B collapses (accuracy 49.7% -> 31.5%); C, with stability mixed in, does not."),
+        Table("Prompting as a baseline", ("calibration_gap", "gap_reduction", "accuracy", "auroc"),
+              (("untrained", "untrained", {"calibration_gap": 0.485}),
+               ("prompted", "calibration prompt", {"calibration_gap": 0.351, "gap_reduction": 0.27}),
+               ("C", "RL training (run C)", {"calibration_gap": 0.117, "gap_reduction": 0.76}))),
+    ],
+    "sweep": [
+        Table("Mixing sweep: 1,600 questions, 2 epochs", TRAINED,
+              (("untrained", "untrained", {}),) + tuple(
+                  (name, f"mix {mix}", {}) for name, mix in
+                  (("mix-0", 0), ("mix-0.25", 0.25), ("C", 0.5), ("mix-0.75", 0.75), ("B", 1))),
+              "mix 0.5 is run C and mix 1 is run B of the paper grid."),
+    ],
+    "rlcr": [
+        Table("The RLCR-style correctness bonus on the scarce-data runs", TRAINED,
+              (("untrained", "untrained", {}),
+               ("A", "A: Brier, 1 epoch", {}), ("A-rlcr", "A + correctness bonus", {}),
+               ("B", "B: Brier, 2 epochs", {}), ("B-rlcr", "B + correctness bonus", {}),
+               ("C", "C: mixed, 2 epochs", {}), ("C-rlcr", "C + correctness bonus", {})),
+              "The bonus (--correct-weight 1) adds 1 * correct to the Brier reward of labeled questions."),
+    ],
+    "curriculum": [
+        Table("Curriculum: the labeled share moves linearly over training (1,600 questions, 2 epochs)", TRAINED,
+              (("untrained", "untrained", {}),
+               ("C", "constant 0.5 (run C)", {}),
+               ("labeled-first", "labeled first: 1 -> 0", {}),
+               ("unlabeled-first", "unlabeled first: 0 -> 1", {}))),
+    ],
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " " + __doc__.split("\n")[1],
+                                epilog="\n".join(__doc__.split("\n")[3:]), formatter_class=train.HelpFormatter)
+    p.add_argument("grid", choices=list(GRIDS), help="which experiments to run")
+    p.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507",
+                   help="hub id, local model directory, or 'tiny' (world.py's)")
+    p.add_argument("--dataset", default="triviaqa", help="'triviaqa', 'tiny' or a JSONL file (train.py's --dataset)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every training condition with seeds 0..K-1")
+    p.add_argument("--n", type=int, default=1000, help="held-out evaluation questions")
+    p.add_argument("--out", help="folder of the runs and the report (default: runs/<grid>)")
+    p.add_argument("--train-args", help="more train.py flags for every run, e.g. '--lr 2e-4'")
+    p.add_argument("--eval-args", help="more eval.py flags for every evaluation")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    args.out = args.out or os.path.join("runs", args.grid)
+    args.train_args, args.eval_args = shlex.split(args.train_args or ""), shlex.split(args.eval_args or "")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running: every (condition, seed) once; what is finished is skipped.
+
+
+def grid_conditions(tables):
+    return list(dict.fromkeys(name for table in tables for name, _, _ in table.rows))
+
+
+def run_folder(args, name, seed):
+    return os.path.join(args.out, f"{name}-seed{seed}")
+
+
+def seeds_of(name, args):
+    """Training repeats with every seed; the untrained model is evaluated once (greedy answers do not vary)."""
+    return range(args.seeds) if CONDITIONS[name].train else range(1)
+
+
+def run_condition(name, seed, args):
+    """Train (or resume) and evaluate one condition; returns its eval metrics."""
+    cond, folder = CONDITIONS[name], run_folder(args, name, seed)
+    final = os.path.join(folder, "final.safetensors")
+    if cond.train and not os.path.exists(final):
+        resuming = os.path.exists(os.path.join(folder, "config.json"))
+        print(f"  training{' (resuming)' if resuming else ''}: {folder}", flush=True)
+        train.main(["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed),
+                    "--out", folder, "--ckpt", final, *args.train_args]
+                   + (["--resume"] if resuming else []))
+    results = os.path.join(folder, "eval", "metrics.json")
+    if not os.path.exists(results):
+        print(f"  evaluating: {folder}", flush=True)
+        system = [final] if cond.train else ["--model", args.model]
+        evaluate.main([*system, "--dataset", args.dataset, "--n", str(args.n), "--out", os.path.dirname(results),
+                       *cond.eval, *args.eval_args])
+    with open(results) as f:
+        return next(iter(json.load(f).values()))
+
+
+def run_grid(args):
+    tables = GRIDS[args.grid]
+    jobs = [(name, seed) for name in grid_conditions(tables) for seed in seeds_of(name, args)]
+    os.makedirs(args.out, exist_ok=True)
+    results, t0 = {}, time.time()
+    for k, (name, seed) in enumerate(jobs):
+        print(f"[{k + 1}/{len(jobs)}] {name} seed {seed} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+        results[name, seed] = run_condition(name, seed, args)
+    write_report(args, tables, results)
+    print(f"wrote {os.path.join(args.out, 'report.md')} and its plots")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report: the paper's figures beside ours, training curves, reliability diagrams.
+
+PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "mean_confidence"}
+SIGNED = {"calibration_gap"}
+NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": "AUROC", "ece": "ECE",
+         "r_stability_correct": "r(stability, correct)", "r_confidence_correct": "r(confidence, correct)",
+         "gap_reduction": "gap reduction from untrained"}
+
+
+def fmt(value, column):
+    if value is None or np.isnan(value):
+        return "-"
+    if column in PERCENT:
+        return f"{100 * value:+.1f}%" if column in SIGNED else f"{100 * value:.1f}%"
+    return f"{value:.2f}"
+
+
+def cell(name, column, args, results):
+    """Ours: one seed with its bootstrap 95% interval, or mean +- sd over the seeds."""
+    runs = [results[name, s] for s in seeds_of(name, args)]
+    if column == "gap_reduction":
+        base = results["untrained", 0]["calibration_gap"]
+        values = [1 - r["calibration_gap"] / base for r in runs]
+    else:
+        values = [r[column] for r in runs]
+    if len(values) > 1:
+        return f"{fmt(np.mean(values), column)} ± {fmt(np.std(values, ddof=1), column).lstrip('+')}"
+    ci = runs[0]["ci"].get(column)
+    return fmt(values[0], column) + (f" [{fmt(ci[0], column)}, {fmt(ci[1], column)}]" if ci else "")
+
+
+def table_markdown(table, args, results):
+    header = ["condition"] + [f"{NAMES[c]}: {who}" for c in table.columns for who in ("paper", "ours")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, label, paper in table.rows:
+        cells = [label]
+        for column in table.columns:
+            cells += [fmt(paper.get(column), column), cell(name, column, args, results)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def slug(title):
+    return "".join(ch if ch.isalnum() else "-" for ch in title.split(":")[0].lower()).strip("-")
+
+
+def mean_log(name, args):
+    """The condition's training log, averaged over its seeds step by step."""
+    logs = [evaluate.read_records(os.path.join(run_folder(args, name, s), "metrics.jsonl")) for s in range(args.seeds)]
+    steps = min(map(len, logs))
+    keys = ("reward", "calibration_gap", "accuracy")
+    return [{"step": i, **{k: np.mean([log[i][k] for log in logs if log[i][k] is not None] or [np.nan])
+                           for k in keys}} for i in range(steps)]
+
+
+def write_plots(args, table):
+    trained = [(name, label) for name, label, _ in table.rows if CONDITIONS[name].train]
+    plots = []
+    if trained:
+        path = f"training-{slug(table.title)}.png"
+        evaluate.plot_logs({label: mean_log(name, args) for name, label in trained},
+                           os.path.join(args.out, path), window=25)
+        plots.append(("Reward, calibration gap and accuracy over training (mean of the seeds)", path))
+    records = {}
+    for name, label, _ in table.rows:
+        folder = os.path.join(run_folder(args, name, 0), "eval")
+        response_file = next(f for f in sorted(os.listdir(folder)) if f.startswith("responses-"))
+        records[label] = evaluate.read_records(os.path.join(folder, response_file))
+    path = f"reliability-{slug(table.title)}.png"
+    evaluate.reliability_diagram(records, os.path.join(args.out, path))
+    plots.append(("Reliability diagrams of the final checkpoints (seed 0)", path))
+    return plots
+
+
+def write_report(args, tables, results):
+    spread = ("95% bootstrap intervals over the evaluation questions in brackets" if args.seeds == 1 else
+              f"mean ± standard deviation over {args.seeds} seeds")
+    command = " ".join(shlex.quote(a) for a in ["python", "experiments.py", *args.argv])
+    lines = [f"# The `{args.grid}` grid: the paper's figures beside ours", "", f"Made by: `{command}`",
+             "", f"Model `{args.model}`, data `{args.dataset}`; greedy evaluation on {args.n} held-out questions; "
+             f"{spread}. Paper figures are Qwen3-4B-Instruct-2507 on TriviaQA; '-': not reported.", ""]
+    for table in tables:
+        lines += [f"## {table.title}", ""] + table_markdown(table, args, results) + [""]
+        if table.note:
+            lines += [table.note, ""]
+        for caption, path in write_plots(args, table):
+            lines += [f"{caption}:", "", f"![{caption}]({path})", ""]
+    lora.write_atomic(os.path.join(args.out, "report.md"), "\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    run_grid(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"error: {e}")

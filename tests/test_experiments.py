@@ -1,0 +1,75 @@
+"""experiments.py on a tiny model: a two-condition grid runs, its report holds every table, a rerun skips
+finished work and an interrupted training run is resumed."""
+
+import json
+import os
+
+import pytest
+
+import experiments
+import train
+
+TINY_RUN = ("--data", "8", "--epochs", "1", "--batch", "4", "--rollouts", "2", "--lr", "5e-3")
+
+
+@pytest.fixture
+def grid(monkeypatch):
+    monkeypatch.setitem(experiments.CONDITIONS, "T", experiments.Condition(train=TINY_RUN))
+    monkeypatch.setitem(experiments.GRIDS, "two", [
+        experiments.Table("Sanity: untrained", ("r_stability_correct", "r_confidence_correct"),
+                          (("untrained", "the untrained model", {"r_stability_correct": 0.48}),)),
+        experiments.Table("Trained: T", ("accuracy", "calibration_gap", "gap_reduction"),
+                          (("untrained", "untrained", {}), ("T", "run T", {"accuracy": 0.436}))),
+    ])
+
+
+def argv(tmp_path, model, questions, *extra):
+    return ["two", "--model", model, "--dataset", questions, "--n", "6", "--out", str(tmp_path / "grid"),
+            "--train-args=--max-new-tokens 10", "--eval-args=--max-new-tokens 10 --bootstrap 20", *extra]
+
+
+def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatted, grid, monkeypatch):
+    model, questions = formatted
+    out = tmp_path / "grid"
+    # an interrupted training run of condition T, seed 1: the grid must continue it, not start over
+    train.main(["--model", model, "--dataset", questions, *TINY_RUN, "--seed", "1", "--out", str(out / "T-seed1"),
+                "--ckpt", str(out / "T-seed1" / "final.safetensors"), "--max-new-tokens", "10", "--max-steps", "1"])
+    experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
+
+    for seed in (0, 1):
+        log = [json.loads(line) for line in open(out / f"T-seed{seed}" / "metrics.jsonl")]
+        assert [r["step"] for r in log] == [0, 1]
+        assert json.load(open(out / f"T-seed{seed}" / "config.json"))["seed"] == seed
+        assert (out / f"T-seed{seed}" / "eval" / "metrics.json").exists()
+    assert not (out / "untrained-seed1").exists()   # the untrained model is evaluated once
+
+    report = (out / "report.md").read_text()
+    for text in ("## Sanity: untrained", "## Trained: T", "| the untrained model | 0.48 |", "| run T | 43.6% |",
+                 "r(stability, correct): paper", "gap reduction from untrained: ours", "over 2 seeds",
+                 "experiments.py two --model"):
+        assert text in report, text
+    for png in ("training-trained.png", "reliability-trained.png", "reliability-sanity.png"):
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in report
+    t = [json.load(open(out / f"T-seed{s}" / "eval" / "metrics.json"))["final"] for s in (0, 1)]
+    accuracy = [r["accuracy"] for r in t]
+    mean, sd = sum(accuracy) / 2, abs(accuracy[0] - accuracy[1]) / 2 ** 0.5
+    assert f"| run T | 43.6% | {100 * mean:.1f}% ± {100 * sd:.1f}% |" in report
+
+    # a rerun trains and evaluates nothing, and writes the same report
+    def refuse(*args, **kwargs):
+        raise AssertionError("finished work was redone")
+    monkeypatch.setattr(experiments.train, "main", refuse)
+    monkeypatch.setattr(experiments.evaluate, "main", refuse)
+    os.remove(out / "report.md")
+    experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
+    assert (out / "report.md").read_text() == report
+
+
+def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, formatted, grid, capsys):
+    model, questions = formatted
+    experiments.main(argv(tmp_path, model, questions))
+    report = (tmp_path / "grid" / "report.md").read_text()
+    assert "95% bootstrap intervals" in report and " [" in report.split("| run T |")[1].split("\n")[0]
+    with pytest.raises(SystemExit):
+        experiments.parse_args(["paper", "--seeds", "0"])
+    assert "--seeds must be at least 1" in capsys.readouterr().err
