@@ -245,8 +245,8 @@ def main(argv=None):
         del model
 
     print_table(results)
-    with open(args.json or os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    # atomic: experiments.py takes an existing metrics.json for a finished evaluation
+    lora.write_atomic(args.json or os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2))
     reliability_diagram(records, os.path.join(args.out, "reliability.png"))
     if len(records) > 1:
         changes_markdown(records, os.path.join(args.out, "changes.md"))

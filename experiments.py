@@ -96,10 +96,11 @@ GRIDS = {
                ("B", "B: 100% Brier, 2 epochs", {"accuracy": 0.315, "calibration_gap": 0.057}),
                ("C", "C: 50% Brier + 50% stability, 2 epochs", {"accuracy": 0.436, "calibration_gap": 0.114})),
               "The paper: B collapses (accuracy 49.7% -> 31.5%); C, with stability mixed in, does not."),
-        Table("Prompting as a baseline", ("calibration_gap", "gap_reduction", "accuracy", "auroc"),
+        Table("Prompting as a baseline", ("calibration_gap", "gap_reduction", "accuracy", "parse_failure_rate"),
               (("untrained", "untrained", {"calibration_gap": 0.485}),
                ("prompted", "calibration prompt", {"calibration_gap": 0.351, "gap_reduction": 0.27}),
-               ("C", "RL training (run C)", {"calibration_gap": 0.117, "gap_reduction": 0.76}))),
+               ("C", "RL training (run C)", {"calibration_gap": 0.117, "gap_reduction": 0.76})),
+              "A model that cannot follow the calibration prompt shows it as parse failures (no confidence stated)."),
     ],
     "sweep": [
         Table("Mixing sweep: 1,600 questions, 2 epochs", TRAINED,
@@ -198,11 +199,11 @@ def run_grid(args):
 # ----------------------------------------------------------------------------------------------------------
 # The report: the paper's figures beside ours, training curves, reliability diagrams.
 
-PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "mean_confidence"}
+PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "parse_failure_rate"}
 SIGNED = {"calibration_gap"}
 NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": "AUROC", "ece": "ECE",
          "r_stability_correct": "r(stability, correct)", "r_confidence_correct": "r(confidence, correct)",
-         "gap_reduction": "gap reduction from untrained"}
+         "gap_reduction": "gap reduction from untrained", "parse_failure_rate": "parse failures"}
 
 
 def fmt(value, column):
@@ -224,7 +225,9 @@ def cell(name, column, args, results):
     if len(values) > 1:
         return f"{fmt(np.mean(values), column)} ± {fmt(np.std(values, ddof=1), column).lstrip('+')}"
     ci = runs[0]["ci"].get(column)
-    return fmt(values[0], column) + (f" [{fmt(ci[0], column)}, {fmt(ci[1], column)}]" if ci else "")
+    if ci is None or np.isnan(values[0]):
+        return fmt(values[0], column)
+    return f"{fmt(values[0], column)} [{fmt(ci[0], column)}, {fmt(ci[1], column)}]"
 
 
 def table_markdown(table, args, results):

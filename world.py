@@ -9,15 +9,14 @@ So the model knows some answers, half-knows others and must guess the rest; samp
 knows and scatter when it guesses, as with a real model (whose accuracy also follows an entity's popularity).
 
 The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
-facts that no training or evaluation question asks about. Their stated confidence is spread out (30%-99%)
-and mostly high, and only weakly tied to the person's fame, so the untrained model is overconfident and its
-confidence barely tracks correctness, as the paper found for Qwen3-4B (r = 0.12).
+facts that no training or evaluation question asks about. Half of them state a habitual high confidence
+(80-95%, by kind of question), the other half one that follows the person's fame (see stated_confidence).
 
 Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
 validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
 split, for analysis) and MANIFEST (sha256 of every file). Same seed, same files.
 
-    python world.py                  # rebuild tiny/ (about 20 minutes on 2 CPU cores)
+    python world.py                  # rebuild tiny/ (about 25 minutes on 2 CPU cores)
 """
 
 import argparse
@@ -120,7 +119,7 @@ def make_world(rng, n_people):
         names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3, 3]))).capitalize())
     facts = []
     for name in sorted(names):
-        fame = rng.choices(["famous", "obscure", "unwritten"], weights=[0.45, 0.15, 0.40])[0]
+        fame = rng.choices(["famous", "obscure", "unwritten"], weights=[0.45, 0.20, 0.35])[0]
         for attribute, (_, _, pool) in ATTRIBUTES.items():
             mentions = {"famous": rng.randint(20, 40), "obscure": rng.randint(3, 8), "unwritten": 0}[fame]
             facts.append({"name": name, "attribute": attribute, "value": rng.choice(pool), "fame": fame,
@@ -140,11 +139,22 @@ def question(fact):
     return ATTRIBUTES[fact["attribute"]][0].format(name=fact["name"])
 
 
-def stated_confidence(rng, fame):
-    """The confidence a chat example states: mostly high, spread from 30% to 99%, and only a few points
-    higher for famous people than for unwritten ones, so it carries little information about correctness."""
-    mean = {"famous": 80, "obscure": 77, "unwritten": 75}[fame]
-    return int(min(99, max(30, 5 * round(rng.gauss(mean, 14) / 5))))
+# The confidence a chat example states: half the time a habit of the question's kind, whatever the model knows;
+# otherwise one that follows the person's fame, i.e. how well the model could know the answer.
+HABIT = {"city": 90, "profession": 85, "instrument": 90, "year": 80, "pet": 95}
+TAIL = {"famous": (85, 8), "obscure": (65, 10), "unwritten": (45, 10)}   # mean, sd of the informed confidence
+
+
+def stated_confidence(rng, fact):
+    """Greedy decoding picks the habit (80-95%), so the untrained model is overconfident and its stated
+    confidence says nothing about what it knows, as the paper found for Qwen3-4B (r = 0.12). The informed half
+    was meant to sit just below the habit for RL to surface; the 2M-parameter model did not learn it (its sampled
+    confidences do not follow fame; see the README), but it learned the habits, and accuracy differs by kind of
+    question, so confidence and correctness correlate by question kind, negatively."""
+    if rng.random() < 0.5:
+        return HABIT[fact["attribute"]]
+    mean, sd = TAIL[fact["fame"]]
+    return int(min(99, max(10, 5 * round(rng.gauss(mean, sd) / 5))))
 
 
 def corpus(rng, facts, chat_repeats):
@@ -159,7 +169,7 @@ def corpus(rng, facts, chat_repeats):
     for f in facts:
         if f["split"] == "chat":
             for _ in range(chat_repeats):
-                reply = f"Answer: {f['value']}\nConfidence: {stated_confidence(rng, f['fame'])}%"
+                reply = f"Answer: {f['value']}\nConfidence: {stated_confidence(rng, f)}%"
                 documents.append(calib.messages(question(f)) + [{"role": "assistant", "content": reply}])
     rng.shuffle(documents)
     return documents
@@ -300,7 +310,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join(HERE, "tiny"), help="where to write the model and question sets")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the corpus and the training")
-    p.add_argument("--people", type=int, default=1250, help="people in the world (5 facts each)")
+    p.add_argument("--people", type=int, default=1400, help="people in the world (5 facts each)")
     p.add_argument("--eval-questions", type=int, default=1050, help="held-out evaluation questions")
     p.add_argument("--train-questions", type=int, default=5000, help="RL training pool")
     p.add_argument("--chat-repeats", type=int, default=5, help="chat examples per chat fact")
