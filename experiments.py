@@ -46,18 +46,20 @@ class Condition:
 
 
 SCARCE = ("--data", "1600", "--epochs", "2")
+A, B, C = ("--data", "1600", "--epochs", "1", "--mix", "1"), (*SCARCE, "--mix", "1"), (*SCARCE, "--mix", "0.5")
+BONUS = ("--correct-weight", "1")   # the RLCR-style correctness term
 CONDITIONS = {
     "untrained": Condition(eval=("--rollouts", "8")),   # 8 sampled answers per question: the sanity check
     "prompted": Condition(eval=("--prompt", "calibrated")),
     "brier-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "1")),
     "mixed-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0.5")),
     "stability-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0")),
-    "A": Condition(train=("--data", "1600", "--epochs", "1", "--mix", "1")),
-    "B": Condition(train=(*SCARCE, "--mix", "1")),
-    "C": Condition(train=(*SCARCE, "--mix", "0.5")),
-    "A-rlcr": Condition(train=("--data", "1600", "--epochs", "1", "--mix", "1", "--correct-weight", "1")),
-    "B-rlcr": Condition(train=(*SCARCE, "--mix", "1", "--correct-weight", "1")),
-    "C-rlcr": Condition(train=(*SCARCE, "--mix", "0.5", "--correct-weight", "1")),
+    "A": Condition(train=A),
+    "B": Condition(train=B),
+    "C": Condition(train=C),
+    "A-rlcr": Condition(train=(*A, *BONUS)),
+    "B-rlcr": Condition(train=(*B, *BONUS)),
+    "C-rlcr": Condition(train=(*C, *BONUS)),
     "mix-0": Condition(train=(*SCARCE, "--mix", "0")),
     "mix-0.25": Condition(train=(*SCARCE, "--mix", "0.25")),
     "mix-0.75": Condition(train=(*SCARCE, "--mix", "0.75")),
@@ -247,7 +249,8 @@ def slug(title):
 
 def mean_log(name, args):
     """The condition's training log, averaged over its seeds step by step."""
-    logs = [evaluate.read_records(os.path.join(run_folder(args, name, s), "metrics.jsonl")) for s in range(args.seeds)]
+    logs = [evaluate.read_records(os.path.join(run_folder(args, name, s), "metrics.jsonl"))
+            for s in seeds_of(name, args)]
     steps = min(map(len, logs))
     keys = ("reward", "calibration_gap", "accuracy")
     return [{"step": i, **{k: np.mean([log[i][k] for log in logs if log[i][k] is not None] or [np.nan])

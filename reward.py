@@ -6,8 +6,10 @@
 
 `--mix` is the probability that a training question is labeled. Each question draws one seeded uniform u once,
 and is labeled while u < mix: so it keeps its kind across epochs, and under a curriculum (`--mix-schedule`)
-a falling mix only turns labeled questions into unlabeled ones (a rising one the reverse). The Brier reward alone pays a confidently wrong answer stated at
-0% as much as a right one at 100%: nothing in it rewards being right. RLCR (Damani et al. 2025) adds a
+a falling mix only turns labeled questions into unlabeled ones (a rising one the reverse).
+
+The Brier reward alone pays a confidently wrong answer stated at 0% as much as a right one at 100%: nothing in
+it rewards being right. RLCR (Damani et al. 2025) adds a
 correctness term for that reason; `correct_weight` W adds W * correct on labeled questions (0 = the paper).
 """
 

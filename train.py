@@ -278,7 +278,8 @@ def train(args):
         order = np.random.default_rng([args.seed, 2, epoch]).permutation(len(pool))
         idx = order[k * args.batch:(k + 1) * args.batch]
         questions = [pool[i] for i in idx]
-        labeled = reward.labeled_draw(len(pool), mix_at(args, step, total_steps), args.seed)
+        mix = mix_at(args, step, total_steps)
+        labeled = reward.labeled_draw(len(pool), mix, args.seed)
 
         t0 = time.perf_counter()
         prompts, out = rollouts(model, tok, questions, args, step)
@@ -292,8 +293,8 @@ def train(args):
         t2 = time.perf_counter()
 
         n_tokens = sum(len(c.ids) for c in out)
-        record = {"step": step, "epoch": epoch, "mix": mix_at(args, step, total_steps), **step_record(groups, [bool(labeled[i]) for i in idx], n_tokens),
-                  "loss": loss, "rollout_s": t1 - t0, "learn_s": t2 - t1, "tokens_per_s": n_tokens / (t1 - t0)}
+        record = {"step": step, "epoch": epoch, "mix": mix,
+                  **step_record(groups, [bool(labeled[i]) for i in idx], n_tokens), "loss": loss, "rollout_s": t1 - t0, "learn_s": t2 - t1, "tokens_per_s": n_tokens / (t1 - t0)}
         with open(log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
