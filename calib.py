@@ -40,27 +40,38 @@ def messages(question, prompt="default"):
 # Reading the response.
 
 ANSWER = re.compile(r"\banswer\W*?[:：]\s*(.*?)\s*(?:\bconfidence\b.*)?$", re.IGNORECASE | re.MULTILINE)
-CONFIDENCE = re.compile(r"confidence(?:\s+level)?\W*?[:：=]?\s*(\d+(?:\.\d+)?)\s*(%|percent)?", re.IGNORECASE)
+# The label and its separator are required: "my confidence 2 is low" in a later sentence is not a statement.
+CONFIDENCE = re.compile(r"confidence(?:\s+level)?\s*[:：=]\s*(\S*?)\s*(%|percent)?(?=[\s.,;:!?)]*(?:\s|$))",
+                        re.IGNORECASE)
+NUMBER = re.compile(r"\d+(?:\.\d+)?")                  # plain decimals: "-5" and "9e9" are no confidence
+FRACTION = re.compile(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)")
 
 
 def parse(response):
     """(answer, confidence) from the response's last `Answer:` and `Confidence:` lines; None for what is missing.
 
     The answer runs to the end of its line, or to a `Confidence` on the same line. Confidence accepts `85%`,
-    `85 %`, `85 percent`, `0.85`, `**Confidence:** 85%` and trailing text; a bare
-    number above 1 is read as a percentage. Anything outside [0, 1] after that is no confidence.
+    `85 %`, `85 percent`, `0.85`, `9/10`, `**Confidence:** 85%` and trailing text; a bare number above 1 is
+    read as a percentage. A negative number, an exponent, or anything outside [0, 1] after that is no confidence.
     """
     text = response.replace("*", "")   # markdown bold around labels or values
     answers = ANSWER.findall(text)
     answer = answers[-1].strip().rstrip(".").strip() if answers else None
-    confidence = None
     found = CONFIDENCE.findall(text)
-    if found:
-        number, percent = found[-1]
+    return (answer or None), (confidence_value(*found[-1]) if found else None)
+
+
+def confidence_value(number, percent):
+    """The stated value in [0, 1], or None: `85` with or without `%` is 0.85, `0.85` is 0.85, `9/10` is 0.9."""
+    fraction = FRACTION.fullmatch(number)
+    if NUMBER.fullmatch(number):
         value = float(number)
         value = value / 100 if percent or value > 1 else value
-        confidence = value if 0 <= value <= 1 else None
-    return (answer or None), confidence
+    elif fraction and not percent and float(fraction[2]) > 0:
+        value = float(fraction[1]) / float(fraction[2])
+    else:
+        return None
+    return value if 0 <= value <= 1 else None
 
 
 def normalize(text):
@@ -90,10 +101,11 @@ def is_abstention(answer):
 
 
 def clusters(answers):
-    """Cluster sizes n_k of a question's N answers, grouped by normalized string. A missing answer is its own
-    cluster: failing to answer is not agreeing with anything."""
-    counts = Counter(normalize(a) for a in answers if a is not None)
-    return list(counts.values()) + [1] * sum(a is None for a in answers)
+    """Cluster sizes n_k of a question's N answers, grouped by normalized string. A missing answer, or one that
+    normalizes to nothing ("?", "the"), is its own cluster: failing to answer is not agreeing with anything."""
+    keys = [normalize(a) if a is not None else "" for a in answers]
+    counts = Counter(k for k in keys if k)
+    return list(counts.values()) + [1] * keys.count("")
 
 
 def stability(answers):
@@ -152,7 +164,8 @@ def load_triviaqa(split):
         path = snapshot_download(TRIVIAQA, repo_type="dataset", allow_patterns=[f"rc.nocontext/{split}-*.parquet"])
     except Exception as e:
         raise UserError(f"cannot get TriviaQA ({TRIVIAQA}) from the Hugging Face hub: it is unreachable and not "
-                        f"cached ({type(e).__name__}); pass a local JSONL with --dataset instead") from None
+                        f"cached ({type(e).__name__}); pass a local JSONL with --dataset, or run the embedded demo, "
+                        "which needs no hub: --model tiny --dataset tiny") from None
     return read_triviaqa_parquet(sorted(
         os.path.join(path, "rc.nocontext", f) for f in os.listdir(os.path.join(path, "rc.nocontext"))
         if f.startswith(split + "-")))
@@ -224,9 +237,13 @@ def pearson(x, y):
 
 
 def metrics(confidence, correct, abstained):
-    """All evaluation metrics of one set of responses. confidence is None where it could not be parsed: such a
-    response counts in `n`, `accuracy_all` and `parse_failure_rate`; every other metric is over the responses
-    with a confidence, so that calibration gap = mean confidence - accuracy holds on one set."""
+    """All evaluation metrics of one set of responses. confidence is None where it could not be parsed.
+
+    `accuracy` counts every response, and one without an answer or without a confidence as wrong (training
+    gives it the worst reward), so a collapse into truncated or unformatted answers shows in it. The confidence
+    measures are over the responses with a confidence, and so is `accuracy_with_confidence`: calibration gap =
+    mean confidence - accuracy_with_confidence holds on one set; `parse_failure_rate` says how many are left out.
+    """
     has = np.array([c is not None for c in confidence])
     c = np.array([x for x in confidence if x is not None], float)
     y = np.asarray(correct, float)[has]
@@ -234,8 +251,8 @@ def metrics(confidence, correct, abstained):
     mean = (lambda v: float(v.mean()) if len(v) else float("nan"))
     return {
         "n": len(confidence),
-        "accuracy": mean(y),
-        "accuracy_all": float(np.mean(correct)),
+        "accuracy": float(np.mean(np.asarray(correct, bool) & has)),
+        "accuracy_with_confidence": mean(y),
         "mean_confidence": mean(c),
         "calibration_gap": mean(c) - mean(y),
         "ece": float("nan") if empty else ece(c, y),

@@ -19,7 +19,7 @@ from tqdm import tqdm
 import calib
 import lora
 from model import ChatTokenizer, UserError, load_model, model_id
-from rollout import generate
+from rollout import check_length, generate
 from train import HelpFormatter
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
@@ -59,6 +59,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rollouts == 1 or args.rollouts < 0:
         p.error("--rollouts must be 0 (none) or at least 2")
+    for name in ("n", "max_new_tokens", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; it must be a folder (new or existing)")
     return args
 
 
@@ -78,7 +83,7 @@ def load_system(checkpoint, args):
     model = load_model(base, dtype, args.device)
     if checkpoint is not None:
         lora.load_adapter(model, checkpoint)
-        lora.merge(model)   # evaluation never trains: one matmul per layer
+        lora.merge(model)   # fp32: one matmul per layer; bf16 keeps W x + s B A x, the model exactly as trained
     return model, ChatTokenizer(base)
 
 
@@ -238,6 +243,8 @@ def main(argv=None):
     for checkpoint in args.checkpoints or [None]:
         label = label_of(checkpoint, records)
         model, tok = load_system(checkpoint, args)
+        check_length(model, [tok.chat(calib.messages(q["question"], args.prompt)) for q in questions],
+                     args.max_new_tokens)
         records[label] = answer_all(model, tok, questions, args, label)
         results[label] = summarize(records[label], args) | {"checkpoint": checkpoint, "prompt": args.prompt}
         with open(os.path.join(args.out, f"responses-{label}.jsonl"), "w") as f:

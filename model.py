@@ -196,6 +196,7 @@ class Qwen3(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._head_fp32 = None
 
     def forward(self, ids, valid=None, positions=None, cache=None, last_only=False):
         """Logits for a batch of token ids (B, T).
@@ -207,11 +208,23 @@ class Qwen3(nn.Module):
         151,936 words, and generation needs only the next token.
         """
         x = self.hidden_states(ids, valid, positions, cache)
-        return self.lm_head(x[:, -1] if last_only else x)
+        return self.logits(x[:, -1] if last_only else x)
+
+    def logits(self, h):
+        """The LM head, in fp32 whatever the weights' dtype: a bf16 head would round logits of 20-40 to steps of
+        0.125-0.25, and log p with them. Sampling and learning both read these logits, so both see one policy.
+        A bf16 model is frozen (training adapts only its fp32 LoRA), so one fp32 copy of the head serves every
+        call (1.5 GB for Qwen3-4B's 151,936 x 2,560; casting it at each decode step would cost 8x the matmul)."""
+        weight = self.lm_head.weight
+        if weight.dtype != torch.float32:
+            if self._head_fp32 is None or self._head_fp32.device != weight.device:
+                self._head_fp32 = weight.detach().float()
+            weight = self._head_fp32
+        return F.linear(h.float(), weight)
 
     def hidden_states(self, ids, valid=None, positions=None, cache=None):
-        """The final-normed hidden states (B, T, hidden) that the LM head reads: training applies the head in
-        chunks, to bound the memory of 151,936-word logits."""
+        """The final-normed hidden states (B, T, hidden) that the LM head reads: training applies the head
+        (self.logits) in chunks, to bound the memory of 151,936-word logits."""
         B, T = ids.shape
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
@@ -266,7 +279,8 @@ def resolve(name_or_path, allow_patterns=None):
                         "directory)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise UserError(f"cannot download {name_or_path!r}: the Hugging Face hub is unreachable and it is not "
-                        f"in the local cache ({type(e).__name__}); pass a local model directory instead") from None
+                        f"in the local cache ({type(e).__name__}); pass a local model directory, or run the embedded "
+                        "demo, which needs no hub: --model tiny --dataset tiny") from None
 
 
 def from_state_dict(cfg, state):

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache
+from model import KVCache, UserError
 
 
 @dataclass
 class Completion:
     prompt: int            # index of the prompt it answers
     ids: list              # generated token ids, the stop token included when one was emitted
-    logprobs: list         # log p(token) of each generated token under the model (temperature 1, no truncation)
+    logprobs: list         # log p(token) of each generated token under the sampling distribution: softmax of
+                           # logits / temperature (temperature 1 when greedy; top-k / top-p truncation not included)
     text: str              # decoded ids, special tokens skipped
     stopped: bool          # True: ended on a stop token; False: cut at max_new_tokens
 
@@ -49,9 +50,10 @@ def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)                 # zero-probability words never hit
 
 
-def token_logprobs(logits, tokens):
-    """log softmax(logits)[token] per row, in fp32, as logit - logsumexp(logits): no (B, V) log-softmax kept."""
-    logits = logits.float()
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log softmax(logits / T)[token] per row, in fp32, as z - logsumexp(z) with z = logits / T: no (B, V)
+    log-softmax kept. The sampler records these and the learner recomputes them, at the sampling temperature."""
+    logits = logits.float() / temperature
     return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -64,6 +66,15 @@ def left_pad(prompts, pad_id, device="cpu"):
         ids[i, P - len(p):] = torch.tensor(p)
         valid[i, P - len(p):] = True
     return ids.to(device), valid.to(device)
+
+
+def check_length(model, prompts, max_new_tokens):
+    """A one-line error before any work when the longest prompt plus max_new_tokens exceeds the positions the
+    model is made for (config.json's max_position_embeddings)."""
+    longest, limit = max(map(len, prompts)), model.cfg.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt has {longest} tokens "
+                        f"and the model holds {limit} positions; use --max-new-tokens {limit - longest} at most")
 
 
 @torch.no_grad()
@@ -92,7 +103,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_
     out_lp = [[] for _ in range(B * n)]
     for step in range(max_new_tokens):
         token = sample(logits, generator, temperature, top_k, top_p)                  # (A,)
-        token_lp = token_logprobs(logits, token)
+        token_lp = token_logprobs(logits, token, temperature or 1.0)
         for s, t, lp in zip(seq.tolist(), token.tolist(), token_lp.tolist()):
             out_ids[s].append(t)
             out_lp[s].append(lp)

@@ -5,7 +5,10 @@ truncation), rewards every rollout for how well its stated confidence matches co
 or stability (unlabeled question) - see reward.py - and takes one AdamW step on the LoRA weights.
 
 How this departs from full policy-gradient machinery, on purpose:
-  - on-policy: one gradient step per batch of fresh rollouts, so no importance ratio, no PPO clipping, no KL term;
+  - on-policy: one gradient step per batch of fresh rollouts, so no PPO clipping and no KL term. The sampler and
+    the learner are one policy (the LoRA applied the same way, fp32 logits, the same temperature); each
+    token's truncated importance weight min(p_learn / p_sample, C) is 1 then, and only corrects what bf16's
+    numerical noise leaves (`policy_mismatch` in the log measures it);
   - advantage A_i = R_i - mean_j R_j over the question's N rollouts (the baseline); no division by the group's
     std (with it, groups whose answers all agree weigh as much as informative ones);
   - loss = -sum_i A_i * sum_t log p(y_i,t) / (rollouts in the batch * max_new_tokens): summing over tokens keeps
@@ -31,8 +34,8 @@ from tqdm import tqdm
 import calib
 import lora
 import reward
-from model import ChatTokenizer, UserError, load_model, model_id
-from rollout import generate, token_logprobs
+from model import ChatTokenizer, KVCache, UserError, load_model, model_id
+from rollout import check_length, generate, left_pad, token_logprobs
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
 LR, TINY_LR = 1e-4, 3e-4
@@ -93,10 +96,16 @@ def parse_args(argv=None):
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
     g.add_argument("--rollouts", type=int, default=8, help="answers sampled per question (N)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each answer")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the rollouts (the learner's log-probs use it too)")
+    g.add_argument("--is-cap", type=float, default=2.0,
+                   help="C of the truncated importance weight min(p_learn / p_sample, C) on each token's "
+                        "advantage, which corrects what sampler-learner mismatch remains (0: none)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch", type=int, default=8, help="questions per step")
-    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward in the learning step")
+    g.add_argument("--micro-batch-tokens", type=int, default=4096,
+                   help="token positions per forward/backward in the learning step, counted as questions x "
+                        "(prompt + rollouts x longest answer): bounds its memory (one question at least)")
     g.add_argument("--lr", type=float, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
                    f"models; {TINY_LR} for --model tiny, whose 2M weights need larger steps)")
     g.add_argument("--rank", type=int, default=1, help="LoRA rank")
@@ -111,11 +120,13 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--max-steps", type=int, help="stop after this many steps in all (resume later to go on)")
     args = p.parse_args(argv)
-    for name in ("data", "epochs", "rollouts", "batch", "micro_batch", "rank", "max_new_tokens", "save_every"):
+    for name in ("data", "epochs", "rollouts", "batch", "micro_batch_tokens", "rank", "max_new_tokens", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rollouts < 2:
         p.error("--rollouts must be at least 2: stability compares answers")
+    if args.temperature <= 0 or args.is_cap < 0:
+        p.error("--temperature must be above 0 (rollouts are sampled) and --is-cap at least 0")
     if args.lr is None:
         args.lr = TINY_LR if args.model == "tiny" else LR
     return args
@@ -124,11 +135,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # The run folder: configuration, checkpoints, metrics. Nothing finished is ever lost.
 
-RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch"}
+RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens"}
 
 
 def open_run(args):
     """Create or reopen --out. Returns (config, state or None): state is the last checkpoint, when resuming."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a run folder; choose another --out")
     os.makedirs(args.out, exist_ok=True)
     config = json.loads(json.dumps(vars(args)))   # as config.json holds it (tuples become lists)
     config["model"] = model_id(args.model)
@@ -143,8 +156,17 @@ def open_run(args):
             raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
                             "resume with the same flags, or choose another --out")
     lora.write_atomic(config_file, json.dumps(config, indent=2))
-    state = torch.load(state_file, weights_only=False) if args.resume and os.path.exists(state_file) else None
-    return config, state
+    return config, (read_state(state_file) if args.resume and os.path.exists(state_file) else None)
+
+
+def read_state(path):
+    """The resume state (step, adapter, optimizer). weights_only=True: tensors, numbers and lists only, so a
+    state.pt replaced by a pickle that would run code is refused, not executed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a resume state written by train.py ({type(e).__name__}); refusing to load "
+                        "it: remove it to start over, or restore the run folder") from None
 
 
 def save_checkpoint(args, model, optimizer, step, config):
@@ -168,9 +190,10 @@ def keep_metrics_until(path, step):
 
 
 def rollouts(model, tok, questions, args, step):
-    lora.merge(model)   # one matmul per layer while sampling
+    """The prompts, and N sampled answers to each question from the current policy (prompt-major)."""
+    prompts = [tok.chat(calib.messages(q["question"])) for q in questions]
+    lora.merge(model)   # fp32: one matmul per layer while sampling; bf16 keeps W x + s B A x, as learning does
     try:
-        prompts = [tok.chat(calib.messages(q["question"])) for q in questions]
         out = generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed * 1_000_003 + step)
     finally:
@@ -178,49 +201,117 @@ def rollouts(model, tok, questions, args, step):
     return prompts, out
 
 
-def head_logprobs(lm_head, h, tokens):
-    """log p(token) from hidden states: the LM head, then rollout.token_logprobs (fp32)."""
-    return token_logprobs(lm_head(h), tokens)
+def head_logprobs(model, h, tokens, temperature):
+    """log p(token) from hidden states: the fp32 LM head, then rollout.token_logprobs at the temperature."""
+    return token_logprobs(model.logits(h), tokens, temperature)
 
 
-def completion_logprobs(model, prompts, completions):
-    """Sum of log p(token) over each completion (the stop token included), with gradients to the LoRA weights.
-    Sequences are right-padded; the mask comes from the completions' lengths, never from ids != pad."""
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    T = max(map(len, seqs))
+def completion_logprobs(model, prompts, completions, n, temperature=1.0):
+    """log p of every completion token (the stop token included), with gradients to the LoRA weights.
+
+    prompts: Q token lists; completions: Q * n token lists, prompt-major (the n answers to prompt 0 first).
+    Each prompt is computed once and shared by its n completions, as sampling shares its prefill:
+      1. the Q prompts, left-padded to P, run through the model into a KV cache: keys and values (Q, Hkv, P, D)
+         per layer, with gradients (the LoRA changes them);
+      2. each prompt's cache row is repeated n times, (Q * n, Hkv, P, D); the backward of that index is a sum,
+         so each prompt's keys and values collect the gradients of all n completions;
+      3. the completions, right-padded to L, run through the model on that cache: positions continue after
+         each prompt, each query sees its prompt and its own earlier tokens, and padding (past each
+         completion's length, never `ids == pad`) is masked.
+    Token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0, the
+    completion's own at t - 1 after. Each of these is the state a full pass over prompt + completion gives (the
+    same keys, values, positions and mask), so the log-probs and their gradient are too (tested), at the cost
+    of Q * (P + n * L) token positions instead of Q * n * (P + L).
+    Returns the log-probs (Q * n, L), zero at padding, and the mask of real tokens (Q * n, L).
+    """
     device = model.lm_head.weight.device
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
-    target = torch.zeros(len(seqs), T, dtype=torch.bool)   # positions holding a generated token
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        ids[i, :len(s)] = torch.tensor(s)
-        valid[i, :len(s)] = True
-        target[i, len(p):len(s)] = True
-    ids, valid, target = ids.to(device), valid.to(device), target.to(device)
-    h = model.hidden_states(ids, valid)                     # (B, T, hidden)
-    h_pred, tokens = h[:, :-1][target[:, 1:]], ids[:, 1:][target[:, 1:]]   # hidden at t-1 predicts token t
-    row = torch.arange(len(seqs), device=device)[:, None].expand(-1, T - 1)[target[:, 1:]]
+    Q, L = len(prompts), max(map(len, completions))
+    ids, valid = left_pad(prompts, 0, device)                                    # (Q, P)
+    tokens = torch.zeros(Q * n, L, dtype=torch.long)
+    for i, c in enumerate(completions):
+        tokens[i, :len(c)] = torch.tensor(c)
+    lengths = torch.tensor([len(c) for c in completions])
+    mask = (torch.arange(L)[None] < lengths[:, None]).to(device)                # (Q * n, L)
+    tokens = tokens.to(device)
+
+    cache = KVCache(model.cfg, Q, ids.shape[1] + L, model.lm_head.weight.dtype, device)
+    h_prompt = model.hidden_states(ids, valid, cache=cache)[:, -1]              # (Q, hidden)
+    rows = torch.arange(Q, device=device).repeat_interleave(n)
+    cache.select(rows)                                                           # each prompt's cache n times
+    positions = valid.sum(-1)[rows, None] + torch.arange(L, device=device)     # (Q * n, L)
+    h = model.hidden_states(tokens, mask, positions, cache=cache)               # (Q * n, L, hidden)
+    h_pred = torch.cat([h_prompt[rows, None], h[:, :-1]], 1)[mask]              # (real tokens, hidden)
     # In chunks, recomputed in the backward pass: only LOGIT_CHUNK x vocab logits are ever held at once.
-    logp = torch.cat([checkpoint(head_logprobs, model.lm_head, hc, tc, use_reentrant=False)
-                      for hc, tc in zip(h_pred.split(LOGIT_CHUNK), tokens.split(LOGIT_CHUNK))])
-    return torch.zeros(len(seqs), device=device, dtype=logp.dtype).index_add(0, row, logp)
+    logp = torch.cat([checkpoint(head_logprobs, model, hc, tc, temperature, use_reentrant=False)
+                      for hc, tc in zip(h_pred.split(LOGIT_CHUNK), tokens[mask].split(LOGIT_CHUNK))])
+    return torch.zeros(Q * n, L, device=device).masked_scatter(mask, logp), mask
 
 
-def learn(model, optimizer, prompts, completions, advantages, args):
-    """One REINFORCE step: loss = -sum_i A_i log p(y_i) / (rollouts * max_new_tokens), micro-batched."""
+def micro_batches(prompts, completions, n, budget):
+    """Consecutive questions grouped so that each group's padded size Q * (P + n * L), with P its longest
+    prompt and L its longest completion, stays within `budget` token positions (one question at least).
+    The learning step's memory grows with that size, so the budget bounds it whatever the lengths."""
+    groups = [[]]
+    for q in range(len(prompts)):
+        group = groups[-1] + [q]
+        P = max(len(prompts[i]) for i in group)
+        L = max(len(completions[i * n + j]) for i in group for j in range(n))
+        if groups[-1] and len(group) * (P + n * L) > budget:
+            group = [q]
+            groups.append(group)
+        groups[-1] = group
+    return groups
+
+
+def learn(model, optimizer, prompts, out, advantages, args):
+    """One REINFORCE step, micro-batched by questions. Returns (loss, policy_mismatch).
+
+        loss = -sum_i A_i sum_t w_it log p(y_it) / (rollouts * max_new_tokens),   w_it = min(p_learn / p_sample, C)
+
+    p_sample is the probability the sampler recorded for token t of rollout i, p_learn the learner's own, at
+    the same temperature. They are one policy: equal up to ~1e-5 nats in fp32, within bf16's own noise in bf16,
+    so w is 1 and this is plain on-policy REINFORCE. The truncated importance weight w (Yao et al. 2025,
+    "TIS"; held constant, C = --is-cap, 0 for none) corrects what mismatch remains, and policy_mismatch, the
+    mean over generated tokens of |log p_learn - log p_sample|, shows how much there is.
+    """
     optimizer.zero_grad(set_to_none=True)
-    norm = len(completions) * args.max_new_tokens
-    total = 0.0
-    for i in range(0, len(completions), args.micro_batch):
-        j = slice(i, i + args.micro_batch)
-        logp = completion_logprobs(model, prompts[j], completions[j])
-        adv = torch.tensor(advantages[j], device=logp.device, dtype=logp.dtype)
-        loss = -(adv * logp).sum() / norm
+    n, norm = args.rollouts, len(out) * args.max_new_tokens
+    total, mismatch, tokens = 0.0, 0.0, 0
+    for questions in micro_batches(prompts, [c.ids for c in out], n, args.micro_batch_tokens):
+        rows = [out[q * n + j] for q in questions for j in range(n)]
+        logp, mask = completion_logprobs(model, [prompts[q] for q in questions], [c.ids for c in rows], n,
+                                         args.temperature)
+        sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor([x for c in rows for x in c.logprobs],
+                                                                             device=logp.device))
+        diff = (logp.detach() - sampled) * mask
+        weight = diff.exp().clamp(max=args.is_cap) if args.is_cap else 1.0
+        adv = torch.tensor([advantages[q * n + j] for q in questions for j in range(n)], device=logp.device)
+        loss = -(adv[:, None] * weight * logp * mask).sum() / norm
         loss.backward()
         total += loss.item()
+        mismatch += diff.abs().sum().item()
+        tokens += int(mask.sum())
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
     optimizer.step()
-    return total
+    return total, mismatch / tokens
+
+
+def train_step(model, tok, optimizer, questions, labeled, args, step):
+    """One step on a batch of questions: rollouts, rewards, advantages, the update. Returns its log figures."""
+    t0 = time.perf_counter()
+    prompts, out = rollouts(model, tok, questions, args, step)
+    t1 = time.perf_counter()
+    n = args.rollouts
+    groups = [reward.group_rewards([c.text for c in out[q * n:(q + 1) * n]], question["answers"], is_labeled,
+                                   args.correct_weight)
+              for q, (question, is_labeled) in enumerate(zip(questions, labeled))]
+    advantages = [r - np.mean(rs) for rs, _ in groups for r in rs]   # A_i = R_i - mean of the question's R
+    t2 = time.perf_counter()
+    loss, mismatch = learn(model, optimizer, prompts, out, advantages, args)
+    t3 = time.perf_counter()
+    n_tokens = sum(len(c.ids) for c in out)
+    return {**step_record(groups, labeled, n_tokens), "loss": loss, "policy_mismatch": mismatch,
+            "rollout_s": t1 - t0, "learn_s": t3 - t2, "tokens_per_s": n_tokens / (t1 - t0)}
 
 
 def step_record(groups, labeled, n_tokens):
@@ -233,7 +324,7 @@ def step_record(groups, labeled, n_tokens):
     mean = lambda v: float(np.mean(v)) if len(v) else None
     return {
         "reward": mean(rewards), "reward_brier": mean(by_kind(True)), "reward_stability": mean(by_kind(False)),
-        "accuracy": mean([y for p in parts for y in p["correct"]]),
+        "accuracy": mean([y and ok for p in parts for y, ok in zip(p["correct"], p["parsed"])]),   # as eval.py
         "confidence": mean(conf), "calibration_gap": (mean(conf) - mean(correct)) if conf else None,
         "stability": mean([p["stability"] for p in parts]),
         "parse_failure_rate": 1 - mean([ok for p in parts for ok in p["parsed"]]),
@@ -261,6 +352,7 @@ def train(args):
     torch.manual_seed(args.seed)   # LoRA A's initialization
     model = lora.add_lora(load_model(args.model, dtype, args.device), args.rank, args.alpha, args.targets.split(","))
     tok = ChatTokenizer(args.model)
+    check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     start = 0
     if state is not None:
@@ -281,20 +373,8 @@ def train(args):
         mix = mix_at(args, step, total_steps)
         labeled = reward.labeled_draw(len(pool), mix, args.seed)
 
-        t0 = time.perf_counter()
-        prompts, out = rollouts(model, tok, questions, args, step)
-        t1 = time.perf_counter()
-        groups = []
-        for q_i, i in enumerate(idx):
-            texts = [c.text for c in out[q_i * args.rollouts:(q_i + 1) * args.rollouts]]
-            groups.append(reward.group_rewards(texts, pool[i]["answers"], labeled[i], args.correct_weight))
-        advantages = [r - np.mean(rs) for rs, _ in groups for r in rs]   # A_i = R_i - mean of the question's R
-        loss = learn(model, optimizer, [prompts[c.prompt] for c in out], [c.ids for c in out], advantages, args)
-        t2 = time.perf_counter()
-
-        n_tokens = sum(len(c.ids) for c in out)
         record = {"step": step, "epoch": epoch, "mix": mix,
-                  **step_record(groups, [bool(labeled[i]) for i in idx], n_tokens), "loss": loss, "rollout_s": t1 - t0, "learn_s": t2 - t1, "tokens_per_s": n_tokens / (t1 - t0)}
+                  **train_step(model, tok, optimizer, questions, [bool(labeled[i]) for i in idx], args, step)}
         with open(log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",

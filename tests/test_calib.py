@@ -17,13 +17,16 @@ def test_stability_hand_values():
     assert calib.stability(["Paris"] * 4 + ["Lyon"] * 4) == pytest.approx(2 / 3)
     # 6 + 2: H = -(3/4 log 3/4 + 1/4 log 1/4)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert calib.stability(["a"] * 6 + ["b"] * 2) == pytest.approx(1 - h / math.log(8))
+    assert calib.stability(["x"] * 6 + ["y"] * 2) == pytest.approx(1 - h / math.log(8))
 
 
 def test_clusters_use_normalized_answers_and_missing_answers_agree_with_nothing():
     assert sorted(calib.clusters(["The Beatles", "beatles!", "Beatles", "Stones"])) == [1, 3]
     assert calib.stability([None] * 8) == pytest.approx(0.0)
     assert calib.clusters(["x", None, None]) == [1, 1, 1]
+    # answers that normalize to nothing are missing answers too: they do not agree with each other
+    assert calib.clusters(["?", "the", "a", "x", "X"]) == [2, 1, 1, 1]
+    assert calib.stability(["?"] * 8) == pytest.approx(0.0)
 
 
 PARSE_TABLE = [
@@ -45,6 +48,15 @@ PARSE_TABLE = [
     ("asdf qwer 42 %% ??", None, None),
     ("", None, None),
     ("Answer:\nConfidence: 50%", None, 0.5),
+    ("Answer: Paris\nConfidence: 9/10", "Paris", 0.9),                 # a fraction, not 9%
+    ("Answer: Paris\nConfidence: 3/4.", "Paris", 0.75),
+    ("Answer: Paris\nConfidence: 9/10%", "Paris", None),
+    ("Answer: Paris\nConfidence: 80%\nI admit my confidence 2 is low.", "Paris", 0.80),  # the labeled line wins
+    ("Answer: Paris\nMy confidence 2 is low.", "Paris", None),
+    ("Answer: Paris\nConfidence: -5%", "Paris", None),
+    ("Answer: Paris\nConfidence: 9e9%", "Paris", None),
+    ("Answer: Paris\nConfidence: 0.85.", "Paris", 0.85),
+    ("Answer: Paris\nConfidence: 70%, roughly", "Paris", 0.70),
 ]
 
 
@@ -99,18 +111,19 @@ def test_perfectly_calibrated_set_has_gap_and_ece_near_zero():
 
 
 def test_metrics_hand_values_and_parse_failures():
-    conf = [0.9, 0.8, None, 0.2, 0.6]
-    correct = [True, False, False, False, True]
-    m = calib.metrics(conf, correct, [False, False, False, True, False])
-    assert m["n"] == 5 and m["parse_failure_rate"] == pytest.approx(0.2)
-    assert m["accuracy"] == pytest.approx(0.5) and m["accuracy_all"] == pytest.approx(0.4)
+    conf = [0.9, 0.8, None, 0.2, 0.6, None]
+    correct = [True, False, False, False, True, True]   # the last: a right answer with no confidence
+    m = calib.metrics(conf, correct, [False, False, False, True, False, False])
+    assert m["n"] == 6 and m["parse_failure_rate"] == pytest.approx(2 / 6)
+    assert m["accuracy_with_confidence"] == pytest.approx(0.5)
+    assert m["accuracy"] == pytest.approx(2 / 6)   # every response counts; no confidence counts as wrong
     assert m["mean_confidence"] == pytest.approx(0.625)
     assert m["calibration_gap"] == pytest.approx(0.125)
     assert m["brier"] == pytest.approx((0.01 + 0.64 + 0.04 + 0.16) / 4)
     assert m["confidence_when_correct"] == pytest.approx(0.75)
     assert m["confidence_when_wrong"] == pytest.approx(0.5)
     assert m["selective_accuracy_50"] == pytest.approx(0.5)      # top 2 of 4: 0.9 right, 0.8 wrong
-    assert m["abstention_rate"] == pytest.approx(0.2)
+    assert m["abstention_rate"] == pytest.approx(1 / 6)
     assert m["auroc"] == pytest.approx(0.75)                     # pairs: (0.9>0.8, 0.9>0.2, 0.6<0.8, 0.6>0.2)
 
 
@@ -174,5 +187,5 @@ def test_triviaqa_loader_on_a_parquet_file_with_the_real_schema(tmp_path, monkey
 def test_unreachable_hub_for_triviaqa_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match="unreachable.*local JSONL"):
+    with pytest.raises(UserError, match="unreachable.*local JSONL.*--model tiny --dataset tiny"):
         calib.load_questions("triviaqa", "train")

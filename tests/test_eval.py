@@ -40,7 +40,8 @@ def test_end_to_end_outputs_are_written_and_consistent(tmp_path, formatted, caps
     assert len(rows) == base["n"] == 12
     parsed = [r for r in rows if r["confidence"] is not None]
     assert parsed, "the formatted model should state confidences"
-    assert base["accuracy"] == pytest.approx(np.mean([r["correct"] for r in parsed]))
+    assert base["accuracy"] == pytest.approx(np.mean([r["correct"] and r["confidence"] is not None for r in rows]))
+    assert base["accuracy_with_confidence"] == pytest.approx(np.mean([r["correct"] for r in parsed]))
     assert base["mean_confidence"] == pytest.approx(np.mean([r["confidence"] for r in parsed]))
     assert base["parse_failure_rate"] == pytest.approx(1 - len(parsed) / 12)
     assert all(0 <= r["stability"] <= 1 for r in rows)
@@ -61,7 +62,7 @@ def test_training_log_plot(tmp_path):
     assert (tmp_path / "training.png").stat().st_size > 10_000
 
 
-def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatted):
+def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatted, capsys):
     ckpt = adapter(tiny_tied, tmp_path / "a.safetensors")
     questions = formatted[1]
     with pytest.raises(UserError, match="was trained on .* not --model"):
@@ -71,6 +72,15 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatt
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="cannot read checkpoint"):
         evaluate.main([str(tmp_path / "corrupt.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--n", "0"])
+    assert "--n must be at least 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--out", str(tmp_path / "file")])
+    assert "is a file; it must be a folder" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--max-new-tokens 600 does not fit"):
+        evaluate.main(["--model", tiny_tied, "--dataset", questions, "--max-new-tokens", "600", "--out", str(tmp_path)])
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match="no evaluation questions"):
         evaluate.main(["--model", tiny_tied, "--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path)])

@@ -41,6 +41,34 @@ def test_merge_gives_the_same_logits_and_unmerge_restores(tiny_untied):
     assert (plain - load_model(tiny_untied)(IDS)).abs().max() > 1e-3   # the adapter does change the model
 
 
+def test_merge_only_where_exact_bf16_keeps_the_low_rank_path(tiny_untied):
+    """A bf16 merge would round a small update away; bf16 sampling must run the model exactly as training."""
+    model = with_random_adapter(tiny_untied)
+    model.to(torch.bfloat16)
+    for m in lora.lora_layers(model):
+        m.lora_A.float(), m.lora_B.float()
+        m.lora_B.weight.data *= 0.02   # |s B A| ~ 1e-3 next to |W| ~ 0.2: below bf16's step there
+    with torch.no_grad():
+        trained = model(IDS)
+        lora.merge(model)
+        sampled = model(IDS)
+        lora.unmerge(model)
+    assert torch.equal(sampled, trained)
+    assert not torch.equal(trained, load_model(tiny_untied, torch.bfloat16)(IDS))   # the update is not lost
+
+
+def test_write_atomic_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(
+        f"/proc/self/fd/{fd}")))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b))
+    lora.write_atomic(str(tmp_path / "f.json"), "{}")
+    assert events == [("fsync", "f.json.tmp"), ("replace", "f.json"), ("fsync", tmp_path.name)]
+    assert (tmp_path / "f.json").read_text() == "{}" and not (tmp_path / "f.json.tmp").exists()
+
+
 def test_adapter_round_trip_and_peft_gives_the_same_logits(tmp_path, tiny_tied):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file

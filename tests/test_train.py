@@ -9,9 +9,24 @@ import pytest
 import torch
 from conftest import write_questions
 
+import calib
 import lora
 import train
 from model import ChatTokenizer, UserError, load_model
+from rollout import Completion
+
+
+def completions_of(model, prompts, ids, n, temperature=1.0):
+    """Completion records as the sampler writes them, with the sampler's log-probs computed here."""
+    with torch.no_grad():
+        logp, _ = train.completion_logprobs(model, prompts, ids, n, temperature)
+    return [Completion(prompt=i // n, ids=c, logprobs=logp[i, :len(c)].tolist(), text="", stopped=True)
+            for i, c in enumerate(ids)]
+
+
+def learn_args(**kw):
+    return types.SimpleNamespace(**{"rollouts": 2, "max_new_tokens": 16, "clip": 1.0, "temperature": 1.0,
+                                    "is_cap": 2.0, "micro_batch_tokens": 4096, **kw})
 
 
 def test_reinforce_raises_the_logprob_of_higher_reward_rollouts(tiny_untied):
@@ -19,25 +34,112 @@ def test_reinforce_raises_the_logprob_of_higher_reward_rollouts(tiny_untied):
     tok = ChatTokenizer(tiny_untied)
     prompt = tok.encode("Question: What is 2 plus 2?")
     good, bad = tok.encode(" Answer: 4") + [tok.stop_ids[0]], tok.encode(" Answer: 5") + [tok.stop_ids[0]]
-    args = types.SimpleNamespace(micro_batch=1, max_new_tokens=16, clip=1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    with torch.no_grad():
-        before = train.completion_logprobs(model, [prompt, prompt], [good, bad])
+    before = completions_of(model, [prompt], [good, bad], 2)
     for _ in range(3):
-        train.learn(model, optimizer, [prompt, prompt], [good, bad], [0.5, -0.5], args)   # rewards 1 and 0
-    with torch.no_grad():
-        after = train.completion_logprobs(model, [prompt, prompt], [good, bad])
-    assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
+        out = completions_of(model, [prompt], [good, bad], 2)   # fresh rollouts' log-probs: on-policy
+        loss, mismatch = train.learn(model, optimizer, [prompt], out, [0.5, -0.5], learn_args())  # rewards 1, 0
+        assert mismatch < 1e-5
+    after = completions_of(model, [prompt], [good, bad], 2)
+    assert sum(after[0].logprobs) > sum(before[0].logprobs) + 1e-3
+    assert sum(after[1].logprobs) < sum(before[1].logprobs) - 1e-3
 
 
-def test_completion_logprobs_equal_the_full_log_softmax_and_count_the_stop_token(tiny_untied):
+def full_pass_logprobs(model, prompts, completions, n, temperature=1.0):
+    """The reference: each rollout as prompt + completion in its own plain forward pass, full log-softmax."""
+    out = []
+    for i, c in enumerate(completions):
+        p = prompts[i // n]
+        logp = (model(torch.tensor([p + c]))[0, len(p) - 1:-1] / temperature).log_softmax(-1)
+        out.append(logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+    return out
+
+
+PROMPTS, COMPLETIONS = [[5, 6, 7], [9, 10, 11, 12, 13]], [[11, 12, 2], [13, 2], [14, 15, 16, 17, 2], [4]]
+
+
+def test_completion_logprobs_equal_a_full_pass_and_count_the_stop_token(tiny_untied):
     model = load_model(tiny_untied)
-    prompts, completions = [[5, 6, 7], [9, 10]], [[11, 12, 2], [13, 2]]
-    got = train.completion_logprobs(model, prompts, completions)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        logp = model(torch.tensor([p + c])).log_softmax(-1)[0]
-        expected = sum(logp[len(p) - 1 + t, tok] for t, tok in enumerate(c))   # the stop token (2) included
-        assert got[i].item() == pytest.approx(expected.item(), abs=1e-4)
+    logp, mask = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2)
+    assert mask.tolist() == [[t < len(c) for t in range(5)] for c in COMPLETIONS]
+    for i, expected in enumerate(full_pass_logprobs(model, PROMPTS, COMPLETIONS, 2)):
+        assert torch.allclose(logp[i, :len(COMPLETIONS[i])], expected, atol=1e-5)   # the stop token (2) included
+        assert (logp[i, len(COMPLETIONS[i]):] == 0).all()
+
+
+def lora_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
+    """Each prompt computed once for its n completions gives today's per-sequence gradient, at any temperature."""
+    model = lora.add_lora(load_model(tiny_untied))
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data.normal_(0, 0.05)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    for temperature in (1.0, 1.5):
+        logp, _ = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2, temperature)
+        shared = lora_grads(model, (logp.sum(-1) * weights).sum())
+        reference = full_pass_logprobs(model, PROMPTS, COMPLETIONS, 2, temperature)
+        per_sequence = lora_grads(model, sum(w * lp.sum() for w, lp in zip(weights, reference)))
+        for a, b in zip(shared, per_sequence):
+            assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_untied):
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [8], [20, 21]]
+    completions = [[11, 12, 2], [13, 2], [14, 15, 16, 17, 2], [4], [3, 3], [5], [6, 6, 6], [7, 2]]
+    assert train.micro_batches(prompts, completions, 2, 10_000) == [[0, 1, 2, 3]]
+    # Q * (P + 2 L): [0] 9; [0, 1] 2 * (5 + 10) = 30 > 16; [1] alone 15; [1, 2] 30; [2, 3] 2 * (2 + 6) = 16
+    assert train.micro_batches(prompts, completions, 2, 16) == [[0], [1], [2, 3]]
+    assert train.micro_batches(prompts, completions, 2, 1) == [[0], [1], [2], [3]]   # one question at least
+
+    def update(budget):
+        torch.manual_seed(0)
+        model = lora.add_lora(load_model(tiny_untied))
+        for m in lora.lora_layers(model):
+            m.lora_B.weight.data.normal_(0, 0.05)
+        out = completions_of(model, prompts, completions, 2)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        train.learn(model, optimizer, prompts, out, [0.3, -0.3, 1.0, -1.0, 0.0, 0.0, 0.2, -0.2],
+                    learn_args(micro_batch_tokens=budget, clip=1e9))
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for a, b in zip(update(10_000), update(16)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def sampler_learner_mismatch(model, tok, questions, temperature=1.0):
+    """policy_mismatch of one step's rollouts: mean |log p_learner - log p_sampler| over the sampled tokens."""
+    args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0)
+    prompts, out = train.rollouts(model, tok, questions, args, step=0)
+    with torch.no_grad():
+        logp, mask = train.completion_logprobs(model, prompts, [c.ids for c in out], 4, temperature)
+    sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor([x for c in out for x in c.logprobs]))
+    return ((logp - sampled).abs() * mask).sum().item() / mask.sum().item()
+
+
+def tiny_with_adapter(dtype, scale):
+    torch.manual_seed(0)
+    model = lora.add_lora(load_model("tiny", dtype))
+    g = torch.Generator().manual_seed(1)
+    for m in lora.lora_layers(model):   # |B| ~ 0.02 as after training: |s B A| ~ 2e-3 next to |W| ~ 7e-2
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * scale
+    return model
+
+
+def test_sampler_and_learner_are_one_policy_in_bf16():
+    """In bf16 the learner's log-probs of the sampled tokens differ from the sampler's by bf16's own noise (cached
+    decoding against a full pass, measured with no adapter), not more: the adapter is applied the same way on
+    both sides. A bf16 merge of W + s B A rounds the update and fails this (4x the floor)."""
+    tok = ChatTokenizer("tiny")
+    questions = calib.load_questions("tiny", "validation")[:8]
+    floor = sampler_learner_mismatch(tiny_with_adapter(torch.bfloat16, 0.0), tok, questions)
+    trained = sampler_learner_mismatch(tiny_with_adapter(torch.bfloat16, 0.02), tok, questions)
+    assert trained < 0.01 and trained <= 1.5 * floor + 1e-4, (trained, floor)
+    # fp32, and a temperature the learner must apply as the sampler does
+    assert sampler_learner_mismatch(tiny_with_adapter(torch.float32, 0.02), tok, questions, 1.5) < 1e-5
 
 
 def run(tmp_path, model, questions, *extra, out="run"):
@@ -60,6 +162,7 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert [r["step"] for r in log] == list(range(8))
     assert any(r["reward"] > 0 for r in log) and any(r["same_reward_share"] < 1 for r in log)
     assert all(r["parse_failure_rate"] < 1 for r in log)
+    assert all(r["policy_mismatch"] < 1e-5 for r in log)   # fp32: the sampler is the policy being trained
     config = json.load(open(full / "config.json"))
     assert config["mix"] == 0.5 and config["lr"] == 5e-3
     assert sorted(os.listdir(full)) == ["adapter-00003.safetensors", "adapter-00004.safetensors",
@@ -122,21 +225,41 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
         train.main(args)
     with pytest.raises(UserError, match=r"holds another run \(its config differs in: lr\)"):
         train.main(args + ["--resume", "--lr", "0.5"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="a-file is a file, not a run folder"):
+        train.main(args[:-4] + ["--out", str(tmp_path / "a-file"), "--ckpt", str(tmp_path / "c")])
+    with pytest.raises(UserError, match=r"--max-new-tokens 600 does not fit.*use --max-new-tokens \d+ at most"):
+        train.main(args[:-4] + ["--max-new-tokens", "600", "--out", str(tmp_path / "long")])   # 512 positions
+
+
+def test_a_tampered_resume_state_is_refused_not_run(tmp_path, tiny_tied):
+    """state.pt is read with weights_only=True: a pickle that would run code is refused with one line."""
+    questions = write_questions(tmp_path / "q.jsonl", n=4)
+    args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "2", "--batch", "4",
+            "--rollouts", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "c"),
+            "--max-steps", "1"]
+    train.main(args)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    import pickle
+    (tmp_path / "r" / "state.pt").write_bytes(pickle.dumps({"step": 1, "adapter": Payload()}))
+    with pytest.raises(UserError, match="state.pt is not a resume state written by train.py.*refusing"):
+        train.main(args + ["--resume"])
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkeypatch):
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
         m.lora_B.weight.data.normal_(0, 0.05)
-    prompts, completions = [[5, 6, 7], [9, 10]], [[11, 12, 13, 14, 2], [13, 2]]
 
     def value_and_grads():
-        model.zero_grad()
-        logp = train.completion_logprobs(model, prompts, completions)
-        (logp * torch.tensor([1.0, -2.0])).sum().backward()
-        return logp.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        logp, _ = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2)
+        return logp.detach(), lora_grads(model, (logp.sum(-1) * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum())
     whole, whole_grads = value_and_grads()
-    monkeypatch.setattr(train, "LOGIT_CHUNK", 2)   # 7 completion tokens: 4 chunks
+    monkeypatch.setattr(train, "LOGIT_CHUNK", 2)   # 11 completion tokens: 6 chunks
     chunked, chunked_grads = value_and_grads()
     assert torch.allclose(whole, chunked, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, chunked_grads))
