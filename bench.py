@@ -1,27 +1,46 @@
-"""Rollout speed: our KV-cached sampler against transformers' generate(), same random weights, side by side.
+"""Speed, side by side: our KV-cached sampler against transformers' generate() (same random weights), and with
+--train one full training step of ours against TRL's GRPOTrainer (same model, questions and rewards).
 
 The workload is one RL step's sampling: 4 prompts of about 100 tokens, 8 samples each at temperature 1 (no
 top-k / top-p), up to 64 new tokens, KV cache on both sides, both in the same dtype (bf16 by default).
   fixed:   every sample runs exactly 64 tokens (no stop token), so both sides do the same decode arithmetic;
   rollout: the stop token's logit is raised in the random model so completions end at spread-out lengths,
            as real rollouts do; only tokens up to and including each stop token are counted.
-Each (side, workload) runs in a fresh process, so its peak memory is its own. The last two lines are
-`speedup_fixed: X.XX` and `speedup_vs_transformers: X.XX` (the rollout workload).
+Both sides sample with a rank-1 LoRA on all 7 projections, as training does (ours unmerged outside fp32, PEFT's
+on theirs; --lora-rank 0 for the bare model). Each (side, workload) runs in a fresh process, so its peak memory
+is its own. The last two lines are `speedup_fixed: X.XX` and `speedup_vs_transformers: X.XX` (the rollout
+workload).
+
+The training bench runs the README's tiny model at our default flags with answers cut at 32 tokens: 8 questions
+x 8 rollouts, mix 0.5, a rank-1 LoRA on all 7 projections, lr 3e-4, temperature 1. TRL gets the same: PEFT's
+rank-1 LoRA on the same projections, beta 0 (no reference model), rewards not divided by the group's std, the
+dr_grpo loss (our normalization: tokens summed, divided by rollouts x max tokens), the same reward function
+(reward.group_rewards), prompt and question order. Each side runs 2 warm-up and 7 timed steps in its own
+process; the split is sampling (generate) / the rest (rewards, learning, optimizer). The last line is
+`train_speedup_vs_trl: X.XX` (median step time, TRL's over ours). TRL, PEFT and transformers are bench-only
+requirements (requirements-bench.txt).
 
     python bench.py                         # small Qwen3 body, real 151,936-word vocabulary, ~2 min on 2 CPUs
     python bench.py --shape 0.6b --device cuda
+    python bench.py --train                 # the tiny model, ours against TRL, ~1 min on 2 CPUs
 """
 
 import argparse
 import gc
 import multiprocessing as mp
 import re
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
-from model import Qwen3Config, from_state_dict
+import calib
+import lora
+import reward
+import train
+from model import Qwen3, Qwen3Config, from_state_dict, resolve
 from rollout import generate, left_pad, sample
 
 SHAPES = {   # Qwen3 config.json fields; all keep the real vocabulary, where much of the cost is
@@ -100,20 +119,39 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(side, workload, shape, dtype, device, queue):
+def adapter_tensors(cfg, rank):
+    """A seeded rank-r adapter on all 7 projections of every layer, under PEFT's names: what RL samples with."""
+    with torch.device("meta"):   # only the names and shapes
+        shapes = lora.adapter_state(lora.add_lora(Qwen3(cfg), rank, 2.0 * rank))
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.randn(p.shape, generator=g) * 0.02 for name, p in shapes.items()}
+
+
+def measure(side, workload, shape, dtype, device, lora_rank, queue):
     """One (side, workload) in its own process: tokens/s, peak memory, and (ours) where the time goes."""
     torch.set_num_threads(torch.get_num_threads())
     rollout = workload == "rollout"
     hf, prompts = build(shape, dtype, device, rollout)
     stop = [STOP] if rollout else []
+    model = from_state_dict(Qwen3Config.from_dict(hf.config.to_dict()), hf.state_dict()).eval()
+    if lora_rank:   # the adapter as training samples with it: ours unmerged outside fp32, PEFT's unmerged
+        tensors = adapter_tensors(model.cfg, lora_rank)
+        lora.add_lora(model, lora_rank, 2.0 * lora_rank)
+        assert lora.set_adapter_state(model, tensors)
+        lora.merge(model)
     if side == "ours":
-        model = from_state_dict(Qwen3Config.from_dict(hf.config.to_dict()), hf.state_dict()).eval()
         del hf
 
         def run(seed):
             out = generate(model, Vocab(stop), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=seed)
             return [len(c.ids) for c in out]
     else:
+        del model
+        if lora_rank:
+            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+            hf = get_peft_model(hf, LoraConfig(r=lora_rank, lora_alpha=2.0 * lora_rank, lora_dropout=0.0,
+                                               target_modules=list(lora.TARGETS)))
+            set_peft_model_state_dict(hf, {k: v.to(device) for k, v in tensors.items()})
         ids, valid = left_pad(prompts, PAD, device)
         mask = valid.long()
 
@@ -167,7 +205,7 @@ def time_parts(model, prompts, device):
     for h in hooks:
         h.remove()
 
-    logits = torch.randn(PROMPTS * SAMPLES, 151936, dtype=model.lm_head.weight.dtype, device=device)
+    logits = torch.randn(PROMPTS * SAMPLES, 151936, device=device)   # fp32, as model.logits gives them
     g = torch.Generator(device=device).manual_seed(0)
     step = lambda: sample(logits, g)
     step()
@@ -215,6 +253,114 @@ def roofline(shape, cache_len, dtype, bandwidth, flops):
     return max((params + kv) * size / bandwidth, (2 * params * rows + attention) / flops)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The training bench: one full RL step, ours against TRL's GRPOTrainer.
+
+TRAIN_NEW_TOKENS, WARMUP, TIMED = 32, 2, 7
+
+
+def train_flags(model, device):
+    """Our default flags for the workload (the tiny model's question set for any model: only speed is measured)."""
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    return train.parse_args(["--model", model, "--dataset", "tiny", "--max-new-tokens", str(TRAIN_NEW_TOKENS),
+                             "--device", device, "--dtype", dtype])
+
+
+def step_batches(args):
+    """(questions, labeled) of each step, in order: the first questions of the pool, 8 a step."""
+    pool = calib.load_questions(args.dataset, "train")[:(WARMUP + TIMED) * args.batch]
+    labeled = reward.labeled_draw(len(pool), args.mix, args.seed)
+    return [(pool[i:i + args.batch], [bool(x) for x in labeled[i:i + args.batch]])
+            for i in range(0, len(pool), args.batch)]
+
+
+def train_ours(model_name, device, queue):
+    args = train_flags(model_name, device)
+    model, tok, optimizer = train.build(args)
+    steps = []
+    for step, (questions, labeled) in enumerate(step_batches(args)):
+        if step == WARMUP:
+            sync(device)
+            reset_peak(device)
+        t = time.perf_counter()
+        record = train.train_step(model, tok, optimizer, questions, labeled, args, step)
+        sync(device)
+        steps.append((time.perf_counter() - t, record["rollout_s"]))
+    queue.put(dict(steps=steps[WARMUP:], peak_mb=memory_mb(device, peak=True)))
+
+
+def train_trl(model_name, device, queue):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    args = train_flags(model_name, device)
+    batches = step_batches(args)
+    rows = [{"prompt": calib.messages(q["question"]), "answers": q["answers"], "labeled": is_labeled}
+            for questions, labeled in batches for q, is_labeled in zip(questions, labeled)]
+    n = args.rollouts
+
+    def rewards(completions, answers, labeled, **kwargs):   # rollouts arrive grouped by question, n at a time
+        texts = [c[0]["content"] for c in completions]
+        return [r for g in range(0, len(texts), n)
+                for r in reward.group_rewards(texts[g:g + n], answers[g], labeled[g], args.correct_weight)[0]]
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch * n, num_generations=n,
+        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0, beta=0.0,
+        scale_rewards="none", loss_type="dr_grpo", learning_rate=args.lr, weight_decay=0.0, max_grad_norm=args.clip,
+        max_steps=len(batches), shuffle_dataset=False, seed=args.seed, report_to="none", save_strategy="no",
+        logging_steps=len(batches), use_cpu=device == "cpu", bf16=device == "cuda",
+        model_init_kwargs={"dtype": getattr(torch, args.dtype)})
+    trainer = GRPOTrainer(model=resolve(model_name), reward_funcs=rewards, args=config,
+                          train_dataset=Dataset.from_list(rows),
+                          peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                                 target_modules=args.targets.split(",")))
+    steps, sampling = [], []
+    generate_single_turn = trainer._generate_single_turn
+
+    def timed_generate(*a, **kw):   # the sampling part of a step
+        t = time.perf_counter()
+        out = generate_single_turn(*a, **kw)
+        sync(device)
+        sampling.append(time.perf_counter() - t)
+        return out
+    trainer._generate_single_turn = timed_generate
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            if len(steps) == WARMUP:
+                reset_peak(device)
+            sync(device)
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            sync(device)
+            steps.append(time.perf_counter() - self.t)
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    queue.put(dict(steps=list(zip(steps, sampling))[WARMUP:], peak_mb=memory_mb(device, peak=True)))
+
+
+def train_bench(args):
+    print(f"model: {args.model}; {args.device}; one training step of 8 questions x 8 rollouts, up to "
+          f"{TRAIN_NEW_TOKENS} new tokens; {WARMUP} warm-up and {TIMED} timed steps per side")
+    ctx = mp.get_context("spawn")
+    medians = {}
+    for side, target in (("ours", train_ours), ("TRL", train_trl)):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=target, args=(args.model, args.device, queue))
+        proc.start()
+        r = queue.get()
+        proc.join()
+        step = statistics.median(s for s, _ in r["steps"])
+        sampling = statistics.median(g for _, g in r["steps"])
+        medians[side] = step
+        print(f"{side:5s} step {step:6.3f} s (median of {TIMED}): sampling {sampling:6.3f} s, rewards + learning + "
+              f"optimizer {step - sampling:6.3f} s; peak memory {r['peak_mb']:7.0f} MB")
+    print(f"train_speedup_vs_trl: {medians['TRL'] / medians['ours']:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -223,20 +369,30 @@ def main():
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of both sides (bf16 matmuls are ~4x faster than fp32 on our CPUs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--lora-rank", type=int, default=1,
+                   help="sample with a rank-r LoRA on all 7 projections, as training does (ours: unmerged outside "
+                        "fp32; transformers: PEFT's); 0 for the bare model")
+    p.add_argument("--train", action="store_true",
+                   help="bench one full training step against TRL's GRPOTrainer instead of rollouts")
+    p.add_argument("--model", default="tiny", help="with --train: the model (hub id, local directory or 'tiny')")
     args = p.parse_args()
+    if args.train:
+        return train_bench(args)
     dtype = getattr(torch, args.dtype)
 
     bandwidth, flops = machine(dtype, args.device)
     print(f"machine: {args.device}, {torch.get_num_threads()} threads; memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"{args.dtype} matmul {flops / 1e12:.2f} TFLOP/s")
     print(f"model: Qwen3 '{args.shape}' shape, vocab 151936, {args.dtype}; {PROMPTS} prompts x {SAMPLES} samples, "
-          f"up to {NEW_TOKENS} new tokens, temperature 1")
+          f"up to {NEW_TOKENS} new tokens, temperature 1; "
+          + (f"a rank-{args.lora_rank} LoRA on all 7 projections" if args.lora_rank else "no LoRA"))
     ctx = mp.get_context("spawn")
     results = {}
     for workload in ("fixed", "rollout"):
         for side in ("ours", "transformers"):   # one process each: separate peak memory, no shared warm state
             queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(side, workload, args.shape, dtype, args.device, queue))
+            proc = ctx.Process(target=measure, args=(side, workload, args.shape, dtype, args.device, args.lora_rank,
+                                                     queue))
             proc.start()
             results[side, workload] = r = queue.get()
             proc.join()

@@ -102,7 +102,8 @@ GRIDS = {
               (("untrained", "untrained", {"calibration_gap": 0.485}),
                ("prompted", "calibration prompt", {"calibration_gap": 0.351, "gap_reduction": 0.27}),
                ("C", "RL training (run C)", {"calibration_gap": 0.117, "gap_reduction": 0.76})),
-              "A model that cannot follow the calibration prompt shows it as parse failures (no confidence stated)."),
+              "A model that cannot follow the calibration prompt shows it as parse failures (no confidence stated), "
+              "and as accuracy 0: a response without a confidence counts as wrong."),
     ],
     "sweep": [
         Table("Mixing sweep: 1,600 questions, 2 epochs", TRAINED,
@@ -282,7 +283,9 @@ def write_report(args, tables, results):
     command = " ".join(shlex.quote(a) for a in ["python", "experiments.py", *args.argv])
     lines = [f"# The `{args.grid}` grid: the paper's figures beside ours", "", f"Made by: `{command}`",
              "", f"Model `{args.model}`, data `{args.dataset}`; greedy evaluation on {args.n} held-out questions; "
-             f"{spread}. Paper figures are Qwen3-4B-Instruct-2507 on TriviaQA; '-': not reported.", ""]
+             f"{spread}. Paper figures are Qwen3-4B-Instruct-2507 on TriviaQA; '-': not reported. Accuracy counts "
+             "every response (no answer or no confidence: wrong); gap, ECE and AUROC are over the responses that "
+             "state a confidence.", ""]
     for table in tables:
         lines += [f"## {table.title}", ""] + table_markdown(table, args, results) + [""]
         if table.note:

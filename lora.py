@@ -47,8 +47,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged is not None:
             return F.linear(x, self.merged)
-        # the low-rank path in fp32 (the adapter's dtype), added to W x in the model's dtype
-        return self.base(x) + (self.scale * self.lora_B(self.lora_A(x.float()))).to(x.dtype)
+        # the low-rank path in fp32 (the adapter's dtype), added to W x in the model's dtype; the scale multiplies
+        # the r-wide A x, not the out-wide result
+        return self.base(x) + self.lora_B(self.scale * self.lora_A(x.float())).to(x.dtype)
 
 
 def add_lora(model, rank=1, alpha=2.0, targets=TARGETS):

@@ -182,10 +182,17 @@ class KVCache:
         self.len = 0
 
     def select(self, rows):
-        """Keep (or repeat) the given batch rows, e.g. to copy a prefilled prompt to N samples, or to drop
-        finished sequences so their compute stops."""
+        """Keep the given batch rows, e.g. to drop finished sequences so their compute stops."""
         self.kv = [(k[rows], v[rows]) for k, v in self.kv]
         self.valid = self.valid[rows]
+
+    def repeat(self, n):
+        """Each row n times in a row, e.g. to copy a prefilled prompt to its n samples. With gradients (the
+        learning step) the backward of this copy is a plain sum of the n copies' gradients."""
+        def rep(x):   # (B, ...) -> (B, n, ...) -> (B * n, ...), always a copy (cache rows are written in place)
+            return x.unsqueeze(1).repeat(1, n, *[1] * (x.dim() - 1)).flatten(0, 1)
+        self.kv = [(rep(k), rep(v)) for k, v in self.kv]
+        self.valid = rep(self.valid)
 
 
 class Qwen3(nn.Module):

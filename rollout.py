@@ -53,7 +53,7 @@ def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
 def token_logprobs(logits, tokens, temperature=1.0):
     """log softmax(logits / T)[token] per row, in fp32, as z - logsumexp(z) with z = logits / T: no (B, V)
     log-softmax kept. The sampler records these and the learner recomputes them, at the sampling temperature."""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -93,7 +93,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_
     cache = KVCache(model.cfg, B, P + max_new_tokens, model.lm_head.weight.dtype, device)
     logits = model(ids, valid, cache=cache, last_only=True)   # (B, V): prefill once per prompt
     rows = torch.arange(B, device=device).repeat_interleave(n)
-    cache.select(rows)                                         # copy each prompt's cache to its n samples
+    cache.repeat(n)                                            # copy each prompt's cache to its n samples
     logits = logits[rows]
     position = valid.sum(-1)[rows]                             # next RoPE position of each row
     seq = torch.arange(B * n, device=device)                   # which output sequence each active row is

@@ -103,7 +103,7 @@ def parse_args(argv=None):
                         "advantage, which corrects what sampler-learner mismatch remains (0: none)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch", type=int, default=8, help="questions per step")
-    g.add_argument("--micro-batch-tokens", type=int, default=4096,
+    g.add_argument("--micro-batch-tokens", type=int, default=2048,
                    help="token positions per forward/backward in the learning step, counted as questions x "
                         "(prompt + rollouts x longest answer): bounds its memory (one question at least)")
     g.add_argument("--lr", type=float, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
@@ -210,23 +210,25 @@ def completion_logprobs(model, prompts, completions, n, temperature=1.0):
     """log p of every completion token (the stop token included), with gradients to the LoRA weights.
 
     prompts: Q token lists; completions: Q * n token lists, prompt-major (the n answers to prompt 0 first).
-    Each prompt is computed once and shared by its n completions, as sampling shares its prefill:
-      1. the Q prompts, left-padded to P, run through the model into a KV cache: keys and values (Q, Hkv, P, D)
-         per layer, with gradients (the LoRA changes them);
-      2. each prompt's cache row is repeated n times, (Q * n, Hkv, P, D); the backward of that index is a sum,
-         so each prompt's keys and values collect the gradients of all n completions;
-      3. the completions, right-padded to L, run through the model on that cache: positions continue after
-         each prompt, each query sees its prompt and its own earlier tokens, and padding (past each
-         completion's length, never `ids == pad`) is masked.
-    Token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0, the
-    completion's own at t - 1 after. Each of these is the state a full pass over prompt + completion gives (the
-    same keys, values, positions and mask), so the log-probs and their gradient are too (tested), at the cost
-    of Q * (P + n * L) token positions instead of Q * n * (P + L).
+    Nothing is computed twice: the instruction all prompts share once, each question once for its n answers,
+    as a prefix tree in one KV cache (keys and values (rows, Hkv, slots, D) per layer, with gradients: the
+    LoRA changes them):
+      1. the S tokens all prompts share (the instruction before the question) run once, as one row;
+      2. that row is repeated Q times, and each prompt's own rest, left-padded to R, runs after it;
+      3. each prompt's row is repeated n times, and the completions, right-padded to L, run after it (all but
+         their last column, which is only ever predicted).
+    Each query sees its own prefix and its own earlier tokens; positions continue along each path; padding
+    (found from lengths, never from `ids == pad`) is masked. The backward of a repeat is a sum, so a shared
+    prefix collects the gradients of every answer that reads it. Token t of a completion is predicted by the
+    hidden state before it: its prompt's last for t = 0, its own at t - 1 after. Each of these is the state a
+    full pass over prompt + completion gives (same keys, values, positions and mask), so the log-probs and
+    their gradient are too (tested), for S + Q * (R + n * (L - 1)) token positions instead of Q * n * (S + R + L).
     Returns the log-probs (Q * n, L), zero at padding, and the mask of real tokens (Q * n, L).
     """
     device = model.lm_head.weight.device
     Q, L = len(prompts), max(map(len, completions))
-    ids, valid = left_pad(prompts, 0, device)                                    # (Q, P)
+    S = shared_prefix(prompts)
+    rest, rest_valid = left_pad([p[S:] for p in prompts], 0, device)            # (Q, R)
     tokens = torch.zeros(Q * n, L, dtype=torch.long)
     for i, c in enumerate(completions):
         tokens[i, :len(c)] = torch.tensor(c)
@@ -234,29 +236,43 @@ def completion_logprobs(model, prompts, completions, n, temperature=1.0):
     mask = (torch.arange(L)[None] < lengths[:, None]).to(device)                # (Q * n, L)
     tokens = tokens.to(device)
 
-    cache = KVCache(model.cfg, Q, ids.shape[1] + L, model.lm_head.weight.dtype, device)
-    h_prompt = model.hidden_states(ids, valid, cache=cache)[:, -1]              # (Q, hidden)
+    cache = KVCache(model.cfg, 1, S + rest.shape[1] + L, model.lm_head.weight.dtype, device)
+    if S:
+        model.hidden_states(torch.tensor([prompts[0][:S]], device=device), cache=cache)
+    cache.repeat(Q)
+    positions = S + (rest_valid.long().cumsum(-1) - 1).clamp(min=0)              # (Q, R)
+    h_prompt = model.hidden_states(rest, rest_valid, positions, cache=cache)[:, -1]   # (Q, hidden)
+    cache.repeat(n)
     rows = torch.arange(Q, device=device).repeat_interleave(n)
-    cache.select(rows)                                                           # each prompt's cache n times
-    positions = valid.sum(-1)[rows, None] + torch.arange(L, device=device)     # (Q * n, L)
-    h = model.hidden_states(tokens, mask, positions, cache=cache)               # (Q * n, L, hidden)
-    h_pred = torch.cat([h_prompt[rows, None], h[:, :-1]], 1)[mask]              # (real tokens, hidden)
+    # The last column is only ever a target, never an input: completions run as L - 1 columns.
+    positions = (S + rest_valid.sum(-1))[rows, None] + torch.arange(L - 1, device=device)   # (Q * n, L - 1)
+    h = model.hidden_states(tokens[:, :-1], mask[:, :-1], positions, cache=cache)          # (Q * n, L - 1, hidden)
+    h_pred = torch.cat([h_prompt[rows, None], h], 1)[mask]                      # (real tokens, hidden)
     # In chunks, recomputed in the backward pass: only LOGIT_CHUNK x vocab logits are ever held at once.
     logp = torch.cat([checkpoint(head_logprobs, model, hc, tc, temperature, use_reentrant=False)
                       for hc, tc in zip(h_pred.split(LOGIT_CHUNK), tokens[mask].split(LOGIT_CHUNK))])
     return torch.zeros(Q * n, L, device=device).masked_scatter(mask, logp), mask
 
 
+def shared_prefix(prompts):
+    """How many leading tokens all prompts share, leaving each at least one token of its own."""
+    S = min(map(len, prompts)) - 1
+    for i in range(S):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return S
+
+
 def micro_batches(prompts, completions, n, budget):
-    """Consecutive questions grouped so that each group's padded size Q * (P + n * L), with P its longest
-    prompt and L its longest completion, stays within `budget` token positions (one question at least).
-    The learning step's memory grows with that size, so the budget bounds it whatever the lengths."""
+    """Questions grouped so that each group's padded size Q * (P + n * L), with P its longest prompt and L its
+    longest completion, stays within `budget` token positions (one question at least). The learning step's
+    memory grows with that size, so the budget bounds it whatever the lengths. Questions are taken in order of
+    their longest completion, so that long ones pad each other rather than short ones."""
+    longest = [max(len(completions[q * n + j]) for j in range(n)) for q in range(len(prompts))]
     groups = [[]]
-    for q in range(len(prompts)):
+    for q in sorted(range(len(prompts)), key=lambda q: longest[q]):
         group = groups[-1] + [q]
-        P = max(len(prompts[i]) for i in group)
-        L = max(len(completions[i * n + j]) for i in group for j in range(n))
-        if groups[-1] and len(group) * (P + n * L) > budget:
+        if groups[-1] and len(group) * (max(len(prompts[i]) for i in group) + n * longest[q]) > budget:
             group = [q]
             groups.append(group)
         groups[-1] = group
@@ -338,6 +354,16 @@ def step_record(groups, labeled, n_tokens):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def build(args):
+    """The policy and its optimizer: the frozen model with a fresh LoRA (B = 0, A seeded by --seed), its
+    tokenizer, and AdamW on the LoRA weights."""
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, getattr(torch, args.dtype), args.device)
+    lora.add_lora(model, args.rank, args.alpha, args.targets.split(","))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    return model, ChatTokenizer(args.model), optimizer
+
+
 def train(args):
     pool = calib.load_questions(args.dataset, "train")
     if args.data > len(pool):
@@ -348,12 +374,8 @@ def train(args):
     total_steps = steps_per_epoch * args.epochs
 
     config, state = open_run(args)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)   # LoRA A's initialization
-    model = lora.add_lora(load_model(args.model, dtype, args.device), args.rank, args.alpha, args.targets.split(","))
-    tok = ChatTokenizer(args.model)
+    model, tok, optimizer = build(args)
     check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     start = 0
     if state is not None:
         if not lora.set_adapter_state(model, state["adapter"]):

@@ -55,7 +55,8 @@ def full_pass_logprobs(model, prompts, completions, n, temperature=1.0):
     return out
 
 
-PROMPTS, COMPLETIONS = [[5, 6, 7], [9, 10, 11, 12, 13]], [[11, 12, 2], [13, 2], [14, 15, 16, 17, 2], [4]]
+# The prompts share their first two tokens (computed once), as real prompts share the instruction.
+PROMPTS, COMPLETIONS = [[5, 6, 7], [5, 6, 11, 12, 13]], [[11, 12, 2], [13, 2], [14, 15, 16, 17, 2], [4]]
 
 
 def test_completion_logprobs_equal_a_full_pass_and_count_the_stop_token(tiny_untied):
@@ -65,6 +66,20 @@ def test_completion_logprobs_equal_a_full_pass_and_count_the_stop_token(tiny_unt
     for i, expected in enumerate(full_pass_logprobs(model, PROMPTS, COMPLETIONS, 2)):
         assert torch.allclose(logp[i, :len(COMPLETIONS[i])], expected, atol=1e-5)   # the stop token (2) included
         assert (logp[i, len(COMPLETIONS[i]):] == 0).all()
+
+
+def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():
+    assert train.shared_prefix([[5, 6, 7], [5, 6, 11, 12]]) == 2
+    assert train.shared_prefix([[5, 6, 7], [5, 6, 7, 8]]) == 2
+    assert train.shared_prefix([[5, 6, 7]]) == 2
+    assert train.shared_prefix([[1, 2], [3, 4]]) == 0
+
+
+def test_completions_of_one_token_need_no_completion_pass(tiny_untied):
+    model = load_model(tiny_untied)
+    logp, mask = train.completion_logprobs(model, PROMPTS, [[2], [4], [7], [2]], 2)
+    for i, expected in enumerate(full_pass_logprobs(model, PROMPTS, [[2], [4], [7], [2]], 2)):
+        assert torch.allclose(logp[i], expected, atol=1e-5)
 
 
 def lora_grads(model, loss):
@@ -91,10 +106,12 @@ def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
 def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_untied):
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [8], [20, 21]]
     completions = [[11, 12, 2], [13, 2], [14, 15, 16, 17, 2], [4], [3, 3], [5], [6, 6, 6], [7, 2]]
-    assert train.micro_batches(prompts, completions, 2, 10_000) == [[0, 1, 2, 3]]
-    # Q * (P + 2 L): [0] 9; [0, 1] 2 * (5 + 10) = 30 > 16; [1] alone 15; [1, 2] 30; [2, 3] 2 * (2 + 6) = 16
-    assert train.micro_batches(prompts, completions, 2, 16) == [[0], [1], [2, 3]]
-    assert train.micro_batches(prompts, completions, 2, 1) == [[0], [1], [2], [3]]   # one question at least
+    assert train.micro_batches(prompts, completions, 2, 10_000) == [[2, 0, 3, 1]]
+    # by longest completion: 2 (L 2), 0 (3), 3 (3), 1 (5). Q * (P + 2 L): [2, 0] 2 * (3 + 6) = 18 > 16, [0, 3]
+    # 2 * (3 + 6) = 18, [3, 1] 2 * (5 + 10) = 30; with 18: [2, 0] fits, [2, 0, 3] 3 * 9 = 27 does not
+    assert train.micro_batches(prompts, completions, 2, 16) == [[2], [0], [3], [1]]
+    assert train.micro_batches(prompts, completions, 2, 18) == [[2, 0], [3], [1]]
+    assert train.micro_batches(prompts, completions, 2, 1) == [[2], [0], [3], [1]]   # one question at least
 
     def update(budget):
         torch.manual_seed(0)
@@ -106,7 +123,7 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
         train.learn(model, optimizer, prompts, out, [0.3, -0.3, 1.0, -1.0, 0.0, 0.0, 0.2, -0.2],
                     learn_args(micro_batch_tokens=budget, clip=1e9))
         return [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    for a, b in zip(update(10_000), update(16)):
+    for a, b in zip(update(10_000), update(18)):
         assert torch.allclose(a, b, atol=1e-6)
 
 
