@@ -143,7 +143,8 @@ def measure(side, workload, shape, dtype, device, lora_rank, queue):
         del hf
 
         def run(seed):
-            out = generate(model, Vocab(stop), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=seed)
+            out = generate(model, Vocab(stop), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS,
+                           seeds=[seed * PROMPTS + i for i in range(PROMPTS)])
             return [len(c.ids) for c in out]
     else:
         del model
@@ -199,15 +200,15 @@ def time_parts(model, prompts, device):
              model.register_forward_hook(after, with_kwargs=True)]
     sync(device)
     t = time.perf_counter()
-    generate(model, Vocab([]), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=3)
+    generate(model, Vocab([]), prompts, n=SAMPLES, max_new_tokens=NEW_TOKENS, seeds=[3] * PROMPTS)
     sync(device)
     spent["total"] = time.perf_counter() - t
     for h in hooks:
         h.remove()
 
     logits = torch.randn(PROMPTS * SAMPLES, 151936, device=device)   # fp32, as model.logits gives them
-    g = torch.Generator(device=device).manual_seed(0)
-    step = lambda: sample(logits, g)
+    u = torch.rand(PROMPTS * SAMPLES, device=device)
+    step = lambda: sample(logits, u)
     step()
     sync(device)
     t = time.perf_counter()
@@ -283,9 +284,10 @@ def train_ours(model_name, device, queue):
             sync(device)
             reset_peak(device)
         t = time.perf_counter()
-        record = train.train_step(model, tok, optimizer, questions, labeled, args, step)
+        ids = range(step * args.batch, (step + 1) * args.batch)
+        share = train.train_step(model, tok, optimizer, questions, ids, labeled, args, step, len(questions))
         sync(device)
-        steps.append((time.perf_counter() - t, record["rollout_s"]))
+        steps.append((time.perf_counter() - t, share["rollout_s"]))
     queue.put(dict(steps=steps[WARMUP:], peak_mb=memory_mb(device, peak=True)))
 
 

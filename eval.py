@@ -14,13 +14,14 @@ import re
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import calib
 import lora
 from model import ChatTokenizer, UserError, load_model, model_id
-from rollout import check_length, generate
-from train import HelpFormatter
+from rollout import check_length, generate, seed_of
+from train import HelpFormatter, distributed, gather
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
 # readable heuristic for the paper's behavioural finding, not a classifier.
@@ -41,7 +42,8 @@ def parse_args(argv=None):
                    "Qwen/Qwen3-4B-Instruct-2507)")
     p.add_argument("--dataset", help="'triviaqa' (its validation split), 'tiny' (world.py's) or a JSONL file "
                    "(default: 'tiny' for the tiny model, else 'triviaqa')")
-    p.add_argument("--n", type=int, default=1000, help="evaluation questions (a seeded subset; all if fewer)")
+    p.add_argument("--n", "--questions", type=int, default=1000, dest="n",
+                   help="evaluation questions (a seeded subset; all if fewer)")
     p.add_argument("--prompt", choices=sorted(calib.PROMPTS), default="default",
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
     p.add_argument("--rollouts", type=int, default=0,
@@ -88,14 +90,19 @@ def load_system(checkpoint, args):
 
 
 def answer_all(model, tok, questions, args, label):
-    """Greedy responses to every question (and N sampled ones with --rollouts), one record per question."""
-    records = []
-    for i in tqdm(range(0, len(questions), args.batch), desc=f"eval {label}", unit="batch"):
+    """Greedy responses to every question (and N sampled ones with --rollouts), one record per question. Under
+    torchrun each process answers every K-th batch, the very batches one process would form (so the same
+    numbers), and all get the records back in order; question j's samples are seeded by (seed, j)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    starts = range(0, len(questions), args.batch)[rank::world]
+    mine = []
+    for i in tqdm(starts, desc=f"eval {label}", unit="batch", disable=rank > 0):
         batch = questions[i:i + args.batch]
         prompts = [tok.chat(calib.messages(q["question"], args.prompt)) for q in batch]
         greedy = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0)
         samples = (generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed + i) if args.rollouts else [])
+                            seeds=[seed_of(args.seed, i + j) for j in range(len(batch))]) if args.rollouts else [])
+        records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
             sampled = [calib.parse(c.text)[0] for c in samples[j * args.rollouts:(j + 1) * args.rollouts]]
@@ -105,7 +112,8 @@ def answer_all(model, tok, questions, args, label):
                             "abstained": calib.is_abstention(answer),
                             "alternative": bool(ALTERNATIVE.search(out.text)),
                             "stability": calib.stability(sampled) if sampled else None})
-    return records
+        mine.append((i, records))
+    return [r for _, records in sorted(x for share in gather(mine) for x in share) for r in records]
 
 
 def summarize(records, args):
@@ -231,6 +239,11 @@ def main(argv=None):
         plot_logs(runs, os.path.join(args.out, "training.png"))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
+    with distributed(args) as (rank, _):
+        evaluate(args, rank)
+
+
+def evaluate(args, rank=0):
     bases = [lora.read_adapter(c)[1]["base_model"] for c in args.checkpoints]   # every file checked up front
     if args.dataset is None:
         args.dataset = "tiny" if "tiny" in bases + [args.model] else "triviaqa"
@@ -246,10 +259,13 @@ def main(argv=None):
         check_length(model, [tok.chat(calib.messages(q["question"], args.prompt)) for q in questions],
                      args.max_new_tokens)
         records[label] = answer_all(model, tok, questions, args, label)
+        del model
+    if rank > 0:   # under torchrun, rank 0 alone summarizes and writes
+        return
+    for label, checkpoint in zip(records, args.checkpoints or [None]):
         results[label] = summarize(records[label], args) | {"checkpoint": checkpoint, "prompt": args.prompt}
         with open(os.path.join(args.out, f"responses-{label}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records[label])
-        del model
 
     print_table(results)
     # atomic: experiments.py takes an existing metrics.json for a finished evaluation

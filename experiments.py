@@ -23,9 +23,12 @@ checkpoints' reliability diagrams.
 import argparse
 import json
 import os
+import queue
 import shlex
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,8 @@ import eval as evaluate
 import lora
 import train
 from model import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------------
 # The conditions: train.py flags (none: the untrained model) and eval.py flags.
@@ -142,6 +147,12 @@ def parse_args(argv=None):
     p.add_argument("--out", help="folder of the runs and the report (default: runs/<grid>)")
     p.add_argument("--train-args", help="more train.py flags for every run, e.g. '--lr 2e-4'")
     p.add_argument("--eval-args", help="more eval.py flags for every evaluation")
+    p.add_argument("--devices", type=device_slots, default=[None], metavar="LIST",
+                   help="run conditions at the same time, one per entry: 'cuda:0,cuda:1' (or '0,1', or a count "
+                        "such as 4), '0+1,2+3' for two GPUs per condition (with --launcher torchrun), 'cpu,cpu' "
+                        "(default: one at a time on train.py's default device)")
+    p.add_argument("--launcher", help="how each train.py / eval.py run starts, e.g. 'torchrun --nproc-per-node 2' "
+                                      "for data-parallel runs (default: this Python)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
@@ -150,8 +161,23 @@ def parse_args(argv=None):
     return args
 
 
+def device_slots(text):
+    """--devices: a list of slots, each the CUDA_VISIBLE_DEVICES of one condition ("0", "0,1") or "cpu"."""
+    if text.isdigit():
+        return [str(i) for i in range(int(text))]
+    slots = []
+    for entry in text.split(","):
+        gpus = [g.removeprefix("cuda:") for g in entry.split("+")]
+        if entry != "cpu" and not all(g.isdigit() for g in gpus):
+            raise argparse.ArgumentTypeError(f"{entry!r} is not a device: use cuda:K, K, K+L (GPUs of one "
+                                             "condition) or cpu")
+        slots.append(entry if entry == "cpu" else ",".join(gpus))
+    return slots
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Running: every (condition, seed) once; what is finished is skipped.
+# Running: every (condition, seed) once; what is finished is skipped. Each run is its own command (train.py,
+# eval.py); with several --devices, conditions run at the same time, one per device, each in its own folder.
 
 
 def grid_conditions(tables):
@@ -167,34 +193,65 @@ def seeds_of(name, args):
     return range(args.seeds) if CONDITIONS[name].train else range(1)
 
 
-def run_condition(name, seed, args):
-    """Train (or resume) and evaluate one condition; returns its eval metrics."""
+def run_condition(name, seed, args, device=None):
+    """Train (or resume) and evaluate one condition on `device` (a slot of --devices); returns its eval metrics."""
     cond, folder = CONDITIONS[name], run_folder(args, name, seed)
     final = os.path.join(folder, "final.safetensors")
     if cond.train and not os.path.exists(final):
         resuming = os.path.exists(os.path.join(folder, "config.json"))
         print(f"  training{' (resuming)' if resuming else ''}: {folder}", flush=True)
-        train.main(["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed),
-                    "--out", folder, "--ckpt", final, *args.train_args]
-                   + (["--resume"] if resuming else []))
+        launch("train.py", ["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed),
+                            "--out", folder, "--ckpt", final, *args.train_args] + (["--resume"] if resuming else []),
+               args, device, folder)
     results = os.path.join(folder, "eval", "metrics.json")
     if not os.path.exists(results):
         print(f"  evaluating: {folder}", flush=True)
         system = [final] if cond.train else ["--model", args.model]
-        evaluate.main([*system, "--dataset", args.dataset, "--n", str(args.n), "--out", os.path.dirname(results),
-                       *cond.eval, *args.eval_args])
+        # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
+        launch("eval.py", [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out",
+                           os.path.dirname(results), *cond.eval, *args.eval_args], args, device, folder)
     with open(results) as f:
         return next(iter(json.load(f).values()))
+
+
+def launch(script, argv, args, device, folder):
+    """Run train.py or eval.py through --launcher on `device`. When several conditions run at once, the run's
+    output goes to FOLDER/<script>.log instead of the terminal."""
+    command = (shlex.split(args.launcher) if args.launcher else [sys.executable]) + [os.path.join(HERE, script), *argv]
+    env = dict(os.environ)
+    if device is not None:
+        command += ["--device", "cpu" if device == "cpu" else "cuda"]
+        if device != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = device   # the run sees its GPUs as cuda:0, cuda:1, ...
+    log = os.path.join(folder, script.replace(".py", ".log")) if len(args.devices) > 1 else None
+    if log:
+        os.makedirs(folder, exist_ok=True)
+        with open(log, "a") as f:
+            code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    else:
+        code = subprocess.run(command, env=env).returncode
+    if code:
+        raise UserError(f"{script} failed for {folder} (exit code {code})" + (f"; see {log}" if log else ""))
 
 
 def run_grid(args):
     tables = GRIDS[args.grid]
     jobs = [(name, seed) for name in grid_conditions(tables) for seed in seeds_of(name, args)]
     os.makedirs(args.out, exist_ok=True)
-    results, t0 = {}, time.time()
-    for k, (name, seed) in enumerate(jobs):
-        print(f"[{k + 1}/{len(jobs)}] {name} seed {seed} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
-        results[name, seed] = run_condition(name, seed, args)
+    t0, free = time.time(), queue.Queue()
+    for device in args.devices:
+        free.put(device)
+
+    def run(k, job):   # on the next free device; it is free again when the condition is done
+        device = free.get()
+        print(f"[{k + 1}/{len(jobs)}] {job[0]} seed {job[1]}" + (f" on {device}" if device else "")
+              + f" ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+        try:
+            return run_condition(*job, args, device)
+        finally:
+            free.put(device)
+    with ThreadPoolExecutor(len(args.devices)) as pool:
+        results = dict(zip(jobs, pool.map(run, range(len(jobs)), jobs)))
     write_report(args, tables, results)
     print(f"wrote {os.path.join(args.out, 'report.md')} and its plots")
 

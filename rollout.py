@@ -10,6 +10,7 @@ How a batch is generated:
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model import KVCache, UserError
@@ -25,8 +26,10 @@ class Completion:
     stopped: bool          # True: ended on a stop token; False: cut at max_new_tokens
 
 
-def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
-    """One token per row of logits (B, V). temperature 0 is greedy; top_k 0 and top_p 1 mean no truncation."""
+def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """One token per row of logits (B, V), drawn with the row's uniform u (B,) in [0, 1): the draw's only
+    randomness, so the caller decides where it comes from. temperature 0 is greedy; top_k 0 and top_p 1 mean no
+    truncation."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()
@@ -45,7 +48,7 @@ def sample(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     # torch.multinomial, but ~8x cheaper over 151,936 words on a CPU, where multinomial dominated a decode step.
     cdf = logits.softmax(-1).cumsum_(-1)                                       # (B, V), in place: V is large
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=total.device) * total
+    u = u[:, None] * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))     # rounding must not reach total
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)                 # zero-probability words never hit
 
@@ -77,16 +80,25 @@ def check_length(model, prompts, max_new_tokens):
                         f"and the model holds {limit} positions; use --max-new-tokens {limit - longest} at most")
 
 
+def seed_of(*keys):
+    """One integer seed from a tuple of keys (e.g. seed, step, question), through numpy's SeedSequence."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 @torch.no_grad()
-def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, seeds=None):
     """Sample n completions for each prompt (lists of token ids). Returns len(prompts) * n Completions,
     prompt-major: the n samples of prompt 0, then those of prompt 1, ...
 
-    tok supplies stop_ids, pad_id and decode (model.ChatTokenizer). Reproducible: same seed, same samples.
+    seeds: one per prompt (default 0, 1, ...). A prompt's n samples draw their uniforms from a generator of
+    their own, seeded by it, so what a prompt samples does not depend on the batch or the process it is in.
+    tok supplies stop_ids, pad_id and decode (model.ChatTokenizer).
     """
     device = model.lm_head.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
     B = len(prompts)
+    seeds = range(B) if seeds is None else seeds
+    uniforms = torch.cat([torch.rand(n, max_new_tokens, generator=torch.Generator().manual_seed(s))
+                          for s in seeds]).to(device)                     # (B * n, max_new_tokens), CPU-drawn
     ids, valid = left_pad(prompts, tok.pad_id, device)
     P = ids.shape[1]
 
@@ -102,7 +114,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=256, temperature=1.0, top_
     out_ids = [[] for _ in range(B * n)]
     out_lp = [[] for _ in range(B * n)]
     for step in range(max_new_tokens):
-        token = sample(logits, generator, temperature, top_k, top_p)                  # (A,)
+        token = sample(logits, uniforms[seq, step], temperature, top_k, top_p)       # (A,)
         token_lp = token_logprobs(logits, token, temperature or 1.0)
         for s, t, lp in zip(seq.tolist(), token.tolist(), token_lp.tolist()):
             out_ids[s].append(t)

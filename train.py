@@ -20,6 +20,8 @@ How this departs from full policy-gradient machinery, on purpose:
 """
 
 import argparse
+import contextlib
+import datetime
 import io
 import json
 import math
@@ -28,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -35,7 +38,7 @@ import calib
 import lora
 import reward
 from model import ChatTokenizer, KVCache, UserError, load_model, model_id
-from rollout import check_length, generate, left_pad, token_logprobs
+from rollout import check_length, generate, left_pad, seed_of, token_logprobs
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
 LR, TINY_LR = 1e-4, 3e-4
@@ -138,11 +141,11 @@ def parse_args(argv=None):
 RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens"}
 
 
-def open_run(args):
-    """Create or reopen --out. Returns (config, state or None): state is the last checkpoint, when resuming."""
+def open_run(args, write=True):
+    """Create or reopen --out (and write its config.json, unless write is False: under torchrun only rank 0
+    writes). Returns (config, state or None): state is the last checkpoint, when resuming."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file, not a run folder; choose another --out")
-    os.makedirs(args.out, exist_ok=True)
     config = json.loads(json.dumps(vars(args)))   # as config.json holds it (tuples become lists)
     config["model"] = model_id(args.model)
     config_file, state_file = os.path.join(args.out, "config.json"), os.path.join(args.out, "state.pt")
@@ -155,7 +158,10 @@ def open_run(args):
         if differ:
             raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
                             "resume with the same flags, or choose another --out")
-    lora.write_atomic(config_file, json.dumps(config, indent=2))
+    barrier()   # under torchrun: every process has checked the folder before rank 0 writes to it
+    if write:
+        os.makedirs(args.out, exist_ok=True)
+        lora.write_atomic(config_file, json.dumps(config, indent=2))
     return config, (read_state(state_file) if args.resume and os.path.exists(state_file) else None)
 
 
@@ -189,13 +195,15 @@ def keep_metrics_until(path, step):
 # One step: rollouts, rewards, the policy-gradient update.
 
 
-def rollouts(model, tok, questions, args, step):
-    """The prompts, and N sampled answers to each question from the current policy (prompt-major)."""
+def rollouts(model, tok, questions, ids, args, step):
+    """The prompts, and N sampled answers to each question from the current policy (prompt-major). A question's
+    answers are drawn from a generator seeded by (seed, step, its index in the pool): the same whatever the
+    batch or process it is sampled in."""
     prompts = [tok.chat(calib.messages(q["question"])) for q in questions]
     lora.merge(model)   # fp32: one matmul per layer while sampling; bf16 keeps W x + s B A x, as learning does
     try:
         out = generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, seed=args.seed * 1_000_003 + step)
+                       temperature=args.temperature, seeds=[seed_of(args.seed, step, i) for i in ids])
     finally:
         lora.unmerge(model)
     return prompts, out
@@ -279,10 +287,13 @@ def micro_batches(prompts, completions, n, budget):
     return groups
 
 
-def learn(model, optimizer, prompts, out, advantages, args):
-    """One REINFORCE step, micro-batched by questions. Returns (loss, policy_mismatch).
+def learn(model, optimizer, prompts, out, advantages, args, n_rollouts):
+    """One REINFORCE step, micro-batched by questions. Returns (loss, sum of |log p_learn - log p_sample|, tokens).
 
-        loss = -sum_i A_i sum_t w_it log p(y_it) / (rollouts * max_new_tokens),   w_it = min(p_learn / p_sample, C)
+        loss = -sum_i A_i sum_t w_it log p(y_it) / (n_rollouts * max_new_tokens),  w_it = min(p_learn / p_sample, C)
+
+    n_rollouts counts the step's rollouts in every process: each process's gradient is its share of the sum,
+    and the all-reduce adds them up before the clip and the AdamW step.
 
     p_sample is the probability the sampler recorded for token t of rollout i, p_learn the learner's own, at
     the same temperature. They are one policy: equal up to ~1e-5 nats in fp32, within bf16's own noise in bf16,
@@ -290,8 +301,8 @@ def learn(model, optimizer, prompts, out, advantages, args):
     "TIS"; held constant, C = --is-cap, 0 for none) corrects what mismatch remains, and policy_mismatch, the
     mean over generated tokens of |log p_learn - log p_sample|, shows how much there is.
     """
-    optimizer.zero_grad(set_to_none=True)
-    n, norm = args.rollouts, len(out) * args.max_new_tokens
+    optimizer.zero_grad(set_to_none=False)   # zeros, not None: a process with nothing to learn still all-reduces
+    n, norm = args.rollouts, n_rollouts * args.max_new_tokens
     total, mismatch, tokens = 0.0, 0.0, 0
     for questions in micro_batches(prompts, [c.ids for c in out], n, args.micro_batch_tokens):
         rows = [out[q * n + j] for q in questions for j in range(n)]
@@ -307,15 +318,18 @@ def learn(model, optimizer, prompts, out, advantages, args):
         total += loss.item()
         mismatch += diff.abs().sum().item()
         tokens += int(mask.sum())
+    all_reduce_gradients(model)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
     optimizer.step()
-    return total, mismatch / tokens
+    return total, mismatch, tokens
 
 
-def train_step(model, tok, optimizer, questions, labeled, args, step):
-    """One step on a batch of questions: rollouts, rewards, advantages, the update. Returns its log figures."""
+def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_questions):
+    """One step on this process's share of a batch (questions, their pool indices ids, their labeled flags):
+    rollouts, rewards, advantages, the update. n_questions: the whole batch's, over every process. Returns what
+    the step's log line needs from this share (step_record joins the shares)."""
     t0 = time.perf_counter()
-    prompts, out = rollouts(model, tok, questions, args, step)
+    prompts, out = rollouts(model, tok, questions, ids, args, step)
     t1 = time.perf_counter()
     n = args.rollouts
     groups = [reward.group_rewards([c.text for c in out[q * n:(q + 1) * n]], question["answers"], is_labeled,
@@ -323,21 +337,24 @@ def train_step(model, tok, optimizer, questions, labeled, args, step):
               for q, (question, is_labeled) in enumerate(zip(questions, labeled))]
     advantages = [r - np.mean(rs) for rs, _ in groups for r in rs]   # A_i = R_i - mean of the question's R
     t2 = time.perf_counter()
-    loss, mismatch = learn(model, optimizer, prompts, out, advantages, args)
+    loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * n)
     t3 = time.perf_counter()
-    n_tokens = sum(len(c.ids) for c in out)
-    return {**step_record(groups, labeled, n_tokens), "loss": loss, "policy_mismatch": mismatch,
-            "rollout_s": t1 - t0, "learn_s": t3 - t2, "tokens_per_s": n_tokens / (t1 - t0)}
+    return {"groups": groups, "labeled": labeled, "loss": loss, "mismatch": mismatch, "learned_tokens": learned,
+            "tokens": sum(len(c.ids) for c in out), "rollout_s": t1 - t0, "learn_s": t3 - t2}
 
 
-def step_record(groups, labeled, n_tokens):
-    """What a step's log line says about its rollouts."""
+def step_record(shares):
+    """A step's log line, from the shares of every process (one without torchrun)."""
+    groups = [g for s in shares for g in s["groups"]]
+    labeled = [x for s in shares for x in s["labeled"]]
     rewards = [r for g in groups for r in g[0]]
     parts = [g[1] for g in groups]
     conf = [c for p in parts for c, ok in zip(p["confidence"], p["parsed"]) if ok]
     correct = [y for p in parts for y, ok in zip(p["correct"], p["parsed"]) if ok]
     by_kind = lambda kind: [r for (rs, _), lab in zip(groups, labeled) if lab == kind for r in rs]
     mean = lambda v: float(np.mean(v)) if len(v) else None
+    total = lambda key: sum(s[key] for s in shares)
+    slowest = lambda key: max(s[key] for s in shares)   # the step waits for the slowest process
     return {
         "reward": mean(rewards), "reward_brier": mean(by_kind(True)), "reward_stability": mean(by_kind(False)),
         "accuracy": mean([y and ok for p in parts for y, ok in zip(p["correct"], p["parsed"])]),   # as eval.py
@@ -347,8 +364,63 @@ def step_record(groups, labeled, n_tokens):
         "abstention_rate": mean([a for p in parts for a in p["abstained"]]),
         "confidence_at_0_or_1": mean([c in (0.0, 1.0) for c in conf]) if conf else None,
         "same_reward_share": mean([len(set(rs)) == 1 for rs, _ in groups]),
-        "labeled_share": mean(labeled), "tokens": n_tokens,
+        "labeled_share": mean(labeled), "tokens": total("tokens"), "loss": total("loss"),
+        "policy_mismatch": total("mismatch") / max(1, total("learned_tokens")),
+        "rollout_s": slowest("rollout_s"), "learn_s": slowest("learn_s"),
+        "tokens_per_s": total("tokens") / slowest("rollout_s"), "world_size": len(shares),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# More than one process: `torchrun --nproc-per-node K train.py ...`. Each process samples and rewards its share
+# of a step's questions (a question's N rollouts stay together, so its baseline is unchanged) and the LoRA
+# gradients are summed; rank 0 alone writes files. Without torchrun this is rank 0 of 1 and all of it is a no-op.
+
+DIST_TIMEOUT = datetime.timedelta(minutes=30)   # a rank that died stops the others with an error, not a hang
+
+
+@contextlib.contextmanager
+def distributed(args):
+    """Join torchrun's process group for the duration: NCCL on CUDA (each process on its LOCAL_RANK's GPU),
+    gloo on a CPU. Yields (rank, world size); (0, 1) without torchrun."""
+    if "WORLD_SIZE" not in os.environ:
+        yield 0, 1
+        return
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.device.startswith("cuda"):
+        if torch.cuda.device_count() <= local:
+            raise UserError(f"process {rank} wants GPU {local}, but this machine has {torch.cuda.device_count()}; "
+                            "run at most as many processes per node as GPUs (--nproc-per-node)")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
+    try:
+        yield rank, world
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_gradients(model):
+    """Sum the LoRA gradients over the processes, so that every one takes the same AdamW step. By hand rather
+    than through DDP: at rank 1 they are a few kB, and nothing else of the model changes."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.all_reduce(p.grad)
+
+
+def gather(obj):
+    """Every process's obj, in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,7 +436,7 @@ def build(args):
     return model, ChatTokenizer(args.model), optimizer
 
 
-def train(args):
+def train(args, rank=0, world=1):
     pool = calib.load_questions(args.dataset, "train")
     if args.data > len(pool):
         raise UserError(f"--data {args.data} is larger than the pool: {args.dataset} has {len(pool)} training "
@@ -372,8 +444,9 @@ def train(args):
     pool = [pool[i] for i in np.random.default_rng([args.seed, 0]).permutation(len(pool))[:args.data]]
     steps_per_epoch = math.ceil(len(pool) / args.batch)
     total_steps = steps_per_epoch * args.epochs
+    check_shares(args, len(pool), world)
 
-    config, state = open_run(args)
+    config, state = open_run(args, write=rank == 0)
     model, tok, optimizer = build(args)
     check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens)
     start = 0
@@ -383,37 +456,56 @@ def train(args):
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     log_file = os.path.join(args.out, "metrics.jsonl")
-    keep_metrics_until(log_file, start)
+    if rank == 0:
+        keep_metrics_until(log_file, start)
     end = min(total_steps, args.max_steps or total_steps)
 
-    bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step")
+    bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step", disable=rank > 0)
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         order = np.random.default_rng([args.seed, 2, epoch]).permutation(len(pool))
-        idx = order[k * args.batch:(k + 1) * args.batch]
-        questions = [pool[i] for i in idx]
+        batch = order[k * args.batch:(k + 1) * args.batch]
+        mine = batch[rank::world]   # this process's share of the step's questions
         mix = mix_at(args, step, total_steps)
         labeled = reward.labeled_draw(len(pool), mix, args.seed)
-
-        record = {"step": step, "epoch": epoch, "mix": mix,
-                  **train_step(model, tok, optimizer, questions, [bool(labeled[i]) for i in idx], args, step)}
-        with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
-                        gap=f"{record['calibration_gap']:+.2f}" if record["calibration_gap"] is not None else "-")
+        share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
+                           args, step, len(batch))
+        record = {"step": step, "epoch": epoch, "mix": mix, **step_record(gather(share))}
         done = step + 1
-        if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
-            save_checkpoint(args, model, optimizer, done, config)
+        if rank == 0:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
+                            gap=f"{record['calibration_gap']:+.2f}" if record["calibration_gap"] is not None else "-")
+            if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
+                save_checkpoint(args, model, optimizer, done, config)
     bar.close()
-    if end == total_steps:
+    if rank == 0 and end == total_steps:
         lora.save_adapter(model, args.ckpt, end, config)
         print(f"adapter written to {args.ckpt} (run folder: {args.out})")
-    else:
+    elif rank == 0:
         print(f"stopped at step {end} of {total_steps}; continue with --resume (run folder: {args.out})")
 
 
+def check_shares(args, n_pool, world):
+    """Under torchrun every process needs a whole, equal share of each step's questions."""
+    if world == 1:
+        return
+    if args.batch < world:
+        raise UserError(f"{world} processes but --batch {args.batch} questions a step: run at most {args.batch} "
+                        "processes, or raise --batch")
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} does not divide among {world} processes; use a multiple of {world}, "
+                        f"e.g. --batch {args.batch // world * world or world}")
+    if n_pool % args.batch % world:
+        raise UserError(f"the last step of each epoch has {n_pool % args.batch} questions, which do not divide "
+                        f"among {world} processes; make --data a multiple of --batch")
+
+
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    with distributed(args) as (rank, world):
+        train(args, rank, world)
 
 
 if __name__ == "__main__":

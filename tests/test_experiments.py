@@ -3,6 +3,8 @@ finished work and an interrupted training run is resumed."""
 
 import json
 import os
+import sys
+import time
 
 import pytest
 
@@ -58,8 +60,7 @@ def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatt
     # a rerun trains and evaluates nothing, and writes the same report
     def refuse(*args, **kwargs):
         raise AssertionError("finished work was redone")
-    monkeypatch.setattr(experiments.train, "main", refuse)
-    monkeypatch.setattr(experiments.evaluate, "main", refuse)
+    monkeypatch.setattr(experiments, "launch", refuse)
     os.remove(out / "report.md")
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
     assert (out / "report.md").read_text() == report
@@ -73,3 +74,30 @@ def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, 
     with pytest.raises(SystemExit):
         experiments.parse_args(["paper", "--seeds", "0"])
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_devices_run_conditions_at_once_each_in_its_folder_and_the_launcher_starts_them(tmp_path, formatted, grid,
+                                                                                        monkeypatch):
+    """Two CPU slots: the untrained evaluation and run T overlap in time; run T goes through torchrun with 2
+    processes (--launcher); each writes its own folder and log."""
+    model, questions = formatted
+    spans, launch = {}, experiments.launch
+
+    def timed(script, argv, args, device, folder):
+        start = time.time()
+        launch(script, argv, args, device, folder)
+        spans[folder, script] = (start, time.time())
+    monkeypatch.setattr(experiments, "launch", timed)
+    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"
+    experiments.main(argv(tmp_path, model, questions, "--devices", "cpu,cpu", "--launcher", torchrun))
+    out = tmp_path / "grid"
+    (a0, a1), (b0, b1) = spans[str(out / "untrained-seed0"), "eval.py"], spans[str(out / "T-seed0"), "train.py"]
+    assert a0 < b1 and b0 < a1   # at the same time
+    log = [json.loads(line) for line in open(out / "T-seed0" / "metrics.jsonl")]
+    assert [r["world_size"] for r in log] == [2, 2]
+    assert (out / "T-seed0" / "train.log").exists() and (out / "untrained-seed0" / "eval.log").exists()
+    assert (out / "report.md").exists()
+    with pytest.raises(SystemExit):
+        experiments.parse_args(["paper", "--devices", "gpu0"])
+    assert experiments.device_slots("cuda:0,cuda:1") == ["0", "1"] and experiments.device_slots("3") == ["0", "1", "2"]
+    assert experiments.device_slots("0+1,2+3") == ["0,1", "2,3"]

@@ -38,8 +38,8 @@ def test_reinforce_raises_the_logprob_of_higher_reward_rollouts(tiny_untied):
     before = completions_of(model, [prompt], [good, bad], 2)
     for _ in range(3):
         out = completions_of(model, [prompt], [good, bad], 2)   # fresh rollouts' log-probs: on-policy
-        loss, mismatch = train.learn(model, optimizer, [prompt], out, [0.5, -0.5], learn_args())  # rewards 1, 0
-        assert mismatch < 1e-5
+        loss, mismatch, tokens = train.learn(model, optimizer, [prompt], out, [0.5, -0.5], learn_args(), 2)  # R 1, 0
+        assert tokens == len(good) + len(bad) and mismatch / tokens < 1e-5
     after = completions_of(model, [prompt], [good, bad], 2)
     assert sum(after[0].logprobs) > sum(before[0].logprobs) + 1e-3
     assert sum(after[1].logprobs) < sum(before[1].logprobs) - 1e-3
@@ -121,7 +121,7 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
         out = completions_of(model, prompts, completions, 2)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         train.learn(model, optimizer, prompts, out, [0.3, -0.3, 1.0, -1.0, 0.0, 0.0, 0.2, -0.2],
-                    learn_args(micro_batch_tokens=budget, clip=1e9))
+                    learn_args(micro_batch_tokens=budget, clip=1e9), 8)
         return [p.detach().clone() for p in model.parameters() if p.requires_grad]
     for a, b in zip(update(10_000), update(18)):
         assert torch.allclose(a, b, atol=1e-6)
@@ -130,7 +130,7 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
 def sampler_learner_mismatch(model, tok, questions, temperature=1.0):
     """policy_mismatch of one step's rollouts: mean |log p_learner - log p_sampler| over the sampled tokens."""
     args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0)
-    prompts, out = train.rollouts(model, tok, questions, args, step=0)
+    prompts, out = train.rollouts(model, tok, questions, range(len(questions)), args, step=0)
     with torch.no_grad():
         logp, mask = train.completion_logprobs(model, prompts, [c.ids for c in out], 4, temperature)
     sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor([x for c in out for x in c.logprobs]))
