@@ -125,8 +125,9 @@ TRIVIAQA = "mandarjoshi/trivia_qa"
 
 
 def load_questions(dataset, split):
-    """A list of {"question", "answers"}: `dataset` is "triviaqa" or "tiny" (the embedded world of world.py),
-    split "train" or "validation"; or a JSONL path (the split is then ignored)."""
+    """A list of {"question", "answers", ...}: `dataset` is "triviaqa" or "tiny" (the embedded world of world.py),
+    split "train" or "validation"; or a JSONL path (the split is then ignored). Fields beyond question and answers
+    are kept."""
     if dataset == "triviaqa":
         return load_triviaqa(split)
     if dataset == "tiny":
@@ -152,7 +153,7 @@ def read_jsonl(path):
             if not ok:
                 raise UserError(f"{path}, line {number}: expected a JSON object "
                                 '{"question": "...", "answers": ["...", ...]}')
-            questions.append({"question": item["question"], "answers": item["answers"]})
+            questions.append(item)   # other fields (the tiny world's kind, fame) are kept for eval.py --group-by
     return questions
 
 
@@ -267,14 +268,28 @@ def metrics(confidence, correct, abstained):
     }
 
 
-def bootstrap(confidence, correct, abstained, resamples=1000, seed=0):
-    """95% intervals of every metric: recompute on `resamples` resamples of the questions (with replacement)
-    and take the 2.5th and 97.5th percentiles."""
+def grouped_auroc(values, correct, groups):
+    """Discrimination within groups (kinds of question, say) and the bar it must clear: (the count-weighted mean
+    of each group's AUROC, over the groups where it is defined; the AUROC of each group's accuracy used as the
+    value). A value that knows no more than the group its question belongs to reaches the second, not more."""
+    values, correct, groups = np.asarray(values, float), np.asarray(correct, bool), np.asarray(groups)
+    within, weights, rate = [], [], np.empty(len(values))
+    for g in np.unique(groups):
+        member = groups == g
+        rate[member] = correct[member].mean()
+        a = auroc(values[member], correct[member])
+        if not np.isnan(a):
+            within.append(a)
+            weights.append(member.sum())
+    return (float(np.average(within, weights=weights)) if within else float("nan")), auroc(rate, correct)
+
+
+def bootstrap(records, figures, resamples=1000, seed=0):
+    """95% intervals of every figure: recompute figures(records) on `resamples` resamples of the records (the
+    questions, with replacement) and take the 2.5th and 97.5th percentiles of each number it returns."""
     rng = np.random.default_rng(seed)
-    n = len(confidence)
-    runs = []
-    for _ in range(resamples):
-        i = rng.integers(0, n, n)
-        runs.append(metrics([confidence[j] for j in i], [correct[j] for j in i], [abstained[j] for j in i]))
+    n = len(records)
+    runs = [figures([records[j] for j in rng.integers(0, n, n)]) for _ in range(resamples)]
+    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
     return {k: (float(np.nanpercentile([r[k] for r in runs], 2.5)), float(np.nanpercentile([r[k] for r in runs], 97.5)))
-            for k in runs[0] if k != "n"}
+            for k in keys}

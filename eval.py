@@ -32,6 +32,10 @@ ALTERNATIVE = re.compile(r"\b(however|alternatively|another possibility|other po
 TABLE = ["accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "auroc", "confidence_when_correct",
          "confidence_when_wrong", "selective_accuracy_50", "selective_accuracy_80", "parse_failure_rate",
          "abstention_rate", "alternative_rate"]
+GROUPED = ["auroc_within_group", "auroc_group_base_rate"]                       # with --group-by
+SAMPLED = ["mean_stability", "r_stability_correct", "r_confidence_correct", "auroc_stability",
+           "stability_auroc_within_group"]                                      # with --rollouts
+GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "auroc_stability"]   # per group
 
 
 def parse_args(argv=None):
@@ -48,6 +52,9 @@ def parse_args(argv=None):
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
     p.add_argument("--rollouts", type=int, default=0,
                    help="also sample N answers per question: stability and its correlation with correctness")
+    p.add_argument("--group-by", metavar="FIELD",
+                   help="a field of the question file (the tiny world's: kind, fame): the figures per group, the "
+                        "AUROC within groups, and the AUROC of the per-group accuracy as the confidence")
     p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each answer")
     p.add_argument("--batch", type=int, default=32, help="questions per generation batch")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
@@ -106,7 +113,7 @@ def answer_all(model, tok, questions, args, label):
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
             sampled = [calib.parse(c.text)[0] for c in samples[j * args.rollouts:(j + 1) * args.rollouts]]
-            records.append({"question": q["question"], "answers": q["answers"], "response": out.text,
+            records.append({**q, "response": out.text,
                             "answer": answer, "confidence": confidence,
                             "correct": calib.is_correct(answer, q["answers"]),
                             "abstained": calib.is_abstention(answer),
@@ -117,19 +124,39 @@ def answer_all(model, tok, questions, args, label):
 
 
 def summarize(records, args):
-    """calib.metrics with bootstrap intervals, the behaviour shares, and the stability analysis."""
+    """The figures with bootstrap 95% intervals, and with --group-by a table of them per group."""
+    result = figures(records, args)
+    result["ci"] = calib.bootstrap(records, lambda rs: figures(rs, args), args.bootstrap, args.seed) \
+        if args.bootstrap else {}
+    if args.group_by:
+        result["groups"] = {}
+        for g in sorted({r[args.group_by] for r in records}, key=str):
+            m = figures([r for r in records if r[args.group_by] == g], args)
+            result["groups"][str(g)] = {k: m[k] for k in GROUP_TABLE if k in m}
+    return result
+
+
+def figures(records, args):
+    """calib.metrics, the behaviour shares, the stability analysis (--rollouts) and the discrimination within
+    groups (--group-by): every number is a float, so the bootstrap can resample it."""
     conf = [r["confidence"] for r in records]
     correct = [r["correct"] for r in records]
-    abstained = [r["abstained"] for r in records]
-    result = calib.metrics(conf, correct, abstained)
+    result = calib.metrics(conf, correct, [r["abstained"] for r in records])
     result["alternative_rate"] = float(np.mean([r["alternative"] for r in records]))
-    result["ci"] = calib.bootstrap(conf, correct, abstained, args.bootstrap, args.seed) if args.bootstrap else {}
+    parsed = [r for r in records if r["confidence"] is not None]
+    if args.group_by:
+        result["auroc_within_group"], result["auroc_group_base_rate"] = calib.grouped_auroc(
+            [r["confidence"] for r in parsed], [r["correct"] for r in parsed], [r[args.group_by] for r in parsed])
     if args.rollouts:
-        parsed = [r for r in records if r["confidence"] is not None]
-        result["mean_stability"] = float(np.mean([r["stability"] for r in records]))
-        result["r_stability_correct"] = calib.pearson([r["stability"] for r in records], correct)
+        stability = [r["stability"] for r in records]
+        result["mean_stability"] = float(np.mean(stability))
+        result["r_stability_correct"] = calib.pearson(stability, correct)
         result["r_confidence_correct"] = calib.pearson([r["confidence"] for r in parsed],
                                                        [r["correct"] for r in parsed])
+        result["auroc_stability"] = calib.auroc(stability, correct)
+        if args.group_by:
+            result["stability_auroc_within_group"] = calib.grouped_auroc(
+                stability, correct, [r[args.group_by] for r in records])[0]
     return result
 
 
@@ -139,17 +166,22 @@ def summarize(records, args):
 
 def print_table(results):
     labels = list(results)
-    rows = TABLE + [k for k in ("mean_stability", "r_stability_correct", "r_confidence_correct")
-                    if k in results[labels[0]]]
+    rows = TABLE + [k for k in GROUPED + SAMPLED if k in results[labels[0]]]
     width = max(24, *(len(label) + 2 for label in labels))
-    print(f"{'metric':26s}" + "".join(f"{label:>{width}s}" for label in labels))
+    print(f"{'metric':28s}" + "".join(f"{label:>{width}s}" for label in labels))
     for key in rows:
         cells = []
         for label in labels:
             value, ci = results[label][key], results[label]["ci"].get(key)
             cells.append(f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
-        print(f"{key:26s}" + "".join(f"{c:>{width}s}" for c in cells))
-    print(f"{'n':26s}" + "".join(f"{results[label]['n']:>{width}d}" for label in labels))
+        print(f"{key:28s}" + "".join(f"{c:>{width}s}" for c in cells))
+    print(f"{'n':28s}" + "".join(f"{results[label]['n']:>{width}d}" for label in labels))
+    for label in labels:
+        if "groups" in results[label]:
+            columns = [k for k in GROUP_TABLE if k in next(iter(results[label]["groups"].values()))]
+            print(f"\n{label}, by group:\n{'group':14s}" + "".join(f"{k:>18s}" for k in columns))
+            for g, m in results[label]["groups"].items():
+                print(f"{g:14s}" + "".join(f"{m[k]:>18.3f}" if k != "n" else f"{m[k]:>18d}" for k in columns))
 
 
 def reliability_diagram(records_by_label, path, bins=10):
@@ -251,6 +283,9 @@ def evaluate(args, rank=0):
     if not pool:
         raise UserError(f"{args.dataset} holds no evaluation questions")
     questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]
+    if args.group_by and any(args.group_by not in q for q in questions):
+        raise UserError(f"--group-by {args.group_by}: the questions of {args.dataset} have no field "
+                        f"{args.group_by!r} (they have: {', '.join(sorted(questions[0]))})")
 
     records, results = {}, {}
     for checkpoint in args.checkpoints or [None]:

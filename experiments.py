@@ -85,7 +85,7 @@ class Table:
     note: str = ""
 
 
-TRAINED = ("accuracy", "calibration_gap", "auroc", "ece")
+TRAINED = ("accuracy", "calibration_gap", "auroc", "auroc_within_group", "auroc_group_base_rate", "ece")
 GRIDS = {
     "paper": [
         Table("Sanity check: stability predicts correctness (untrained, 8 rollouts)",
@@ -207,6 +207,7 @@ def run_condition(name, seed, args, device=None):
     if not os.path.exists(results):
         print(f"  evaluating: {folder}", flush=True)
         system = [final] if cond.train else ["--model", args.model]
+        system += ["--group-by", "kind"] if args.dataset == "tiny" else []   # the world's questions know their kind
         # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
         launch("eval.py", [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out",
                            os.path.dirname(results), *cond.eval, *args.eval_args], args, device, folder)
@@ -262,6 +263,7 @@ def run_grid(args):
 PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "parse_failure_rate"}
 SIGNED = {"calibration_gap"}
 NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": "AUROC", "ece": "ECE",
+         "auroc_within_group": "AUROC within kind", "auroc_group_base_rate": "AUROC of per-kind accuracy",
          "r_stability_correct": "r(stability, correct)", "r_confidence_correct": "r(confidence, correct)",
          "gap_reduction": "gap reduction from untrained", "parse_failure_rate": "parse failures"}
 
@@ -281,7 +283,7 @@ def cell(name, column, args, results):
         base = results["untrained", 0]["calibration_gap"]
         values = [1 - r["calibration_gap"] / base for r in runs]
     else:
-        values = [r[column] for r in runs]
+        values = [r.get(column, float("nan")) for r in runs]   # within-kind figures: the tiny world only
     if len(values) > 1:
         return f"{fmt(np.mean(values), column)} ± {fmt(np.std(values, ddof=1), column).lstrip('+')}"
     ci = runs[0]["ci"].get(column)
@@ -291,12 +293,19 @@ def cell(name, column, args, results):
 
 
 def table_markdown(table, args, results):
-    header = ["condition"] + [f"{NAMES[c]}: {who}" for c in table.columns for who in ("paper", "ours")]
+    """Our figures beside the paper's, for the columns the paper reports; ours alone for the others. Columns no
+    result has (the within-kind AUROCs off the tiny world) are left out."""
+    columns = [c for c in table.columns if c == "gap_reduction"
+               or any(c in results[name, s] for name, _, _ in table.rows for s in seeds_of(name, args))]
+    paper_has = {c: any(c in paper for _, _, paper in table.rows) for c in columns}
+    header = ["condition"] + [f"{NAMES[c]}: {who}" for c in columns
+                              for who in (("paper", "ours") if paper_has[c] else ("ours",))]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label, paper in table.rows:
         cells = [label]
-        for column in table.columns:
-            cells += [fmt(paper.get(column), column), cell(name, column, args, results)]
+        for column in columns:
+            cells += ([fmt(paper.get(column), column)] if paper_has[column] else []) + [cell(name, column, args,
+                                                                                          results)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -259,10 +259,11 @@ def write_json(path, obj):
 
 
 def write_questions(path, facts):
+    """The question file, with each question's kind and its person's fame (for eval.py --group-by)."""
     with open(path, "w") as f:
         for fact in facts:
-            f.write(json.dumps({"question": question(fact), "answers": aliases(fact["attribute"], fact["value"])})
-                    + "\n")
+            f.write(json.dumps({"question": question(fact), "answers": aliases(fact["attribute"], fact["value"]),
+                                "kind": fact["attribute"], "fame": fact["fame"]}) + "\n")
 
 
 def manifest(out):

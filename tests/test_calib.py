@@ -132,11 +132,29 @@ def test_bootstrap_intervals_hold_the_estimate_and_are_seeded():
     c = list(rng.random(300))
     y = list(rng.random(300) < np.array(c))
     a = [False] * 300
-    ci = calib.bootstrap(c, y, a, resamples=200, seed=3)
+    records = list(zip(c, y, a))
+    figures = lambda rs: calib.metrics(*map(list, zip(*rs)))
+    ci = calib.bootstrap(records, figures, resamples=200, seed=3)
     m = calib.metrics(c, y, a)
     for key in ("accuracy", "calibration_gap", "ece", "auroc", "brier"):
         assert ci[key][0] <= m[key] <= ci[key][1], key
-    assert ci == calib.bootstrap(c, y, a, resamples=200, seed=3)
+    assert "n" not in ci   # an integer, not a figure
+    assert ci == calib.bootstrap(records, figures, resamples=200, seed=3)
+
+
+def test_grouped_auroc_within_groups_and_the_base_rate_bar():
+    # group a: right 3 of 4, value ranks them perfectly; group b: right 1 of 4, value ranks them backwards
+    values = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.9]
+    correct = [1, 1, 1, 0, 1, 0, 0, 0]
+    groups = ["a"] * 4 + ["b"] * 4
+    within, base = calib.grouped_auroc(values, correct, groups)
+    assert within == pytest.approx((1.0 * 4 + 0.0 * 4) / 8)
+    # base rate: 0.75 for a, 0.25 for b: right answers 3 in a, 1 in b; wrong 1 in a, 3 in b
+    pairs = [(ra, rb) for ra in [0.75] * 3 + [0.25] for rb in [0.75] + [0.25] * 3]
+    assert base == pytest.approx(sum(1 if p > q else 0.5 if p == q else 0 for p, q in pairs) / 16)
+    # a group with one class only has no AUROC and no weight
+    within, _ = calib.grouped_auroc([0.9, 0.1, 0.5, 0.6], [1, 0, 1, 1], ["a", "a", "b", "b"])
+    assert within == pytest.approx(1.0)
 
 
 def test_malformed_jsonl_names_its_line(tmp_path):

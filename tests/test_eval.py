@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import calib
 import eval as evaluate
 import lora
 from model import UserError, load_model
@@ -51,6 +52,32 @@ def test_end_to_end_outputs_are_written_and_consistent(tmp_path, formatted, caps
     two = json.load(open(out / "two" / "metrics.json"))
     assert list(two) == ["trained", "trained-1"] and two["trained"]["accuracy"] == two["trained-1"]["accuracy"]
     assert (out / "two" / "changes.md").read_text().startswith("# Largest changes in stated confidence")
+
+
+def test_group_by_reports_each_group_and_the_discrimination_within_groups(tmp_path, formatted, capsys):
+    model_dir, questions = formatted
+    grouped = tmp_path / "q.jsonl"
+    rows = [json.loads(line) for line in open(questions)]
+    grouped.write_text("".join(json.dumps({**q, "kind": ["small", "large"][i % 2]}) + "\n" for i, q in enumerate(rows)))
+    out = tmp_path / "eval"
+    evaluate.main(["--model", model_dir, "--dataset", str(grouped), "--n", "24", "--group-by", "kind", "--rollouts",
+                   "3", "--max-new-tokens", "16", "--bootstrap", "30", "--out", str(out)])
+    base = json.load(open(out / "metrics.json"))["base"]
+    records = [json.loads(line) for line in open(out / "responses-base.jsonl")]
+    parsed = [r for r in records if r["confidence"] is not None]
+    within, rate = calib.grouped_auroc([r["confidence"] for r in parsed], [r["correct"] for r in parsed],
+                                       [r["kind"] for r in parsed])
+    assert base["auroc_within_group"] == pytest.approx(within, nan_ok=True)
+    assert base["auroc_group_base_rate"] == pytest.approx(rate, nan_ok=True)
+    assert "stability_auroc_within_group" in base and "auroc_within_group" in base["ci"]
+    assert sorted(base["groups"]) == ["large", "small"]
+    small = [r for r in records if r["kind"] == "small"]
+    assert base["groups"]["small"]["n"] == len(small)
+    assert base["groups"]["small"]["accuracy"] == pytest.approx(
+        np.mean([r["correct"] and r["confidence"] is not None for r in small]))
+    assert "by group" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--group-by fame: the questions of .* have no field 'fame'"):
+        evaluate.main(["--model", model_dir, "--dataset", str(grouped), "--group-by", "fame", "--out", str(out)])
 
 
 def test_training_log_plot(tmp_path):
