@@ -11,6 +11,10 @@ a falling mix only turns labeled questions into unlabeled ones (a rising one the
 The Brier reward alone pays a confidently wrong answer stated at 0% as much as a right one at 100%: nothing in
 it rewards being right. RLCR (Damani et al. 2025) adds a
 correctness term for that reason; `correct_weight` W adds W * correct on labeled questions (0 = the paper).
+
+Stability is not a probability: a policy right half the time with one wrong alternative has expected s = 0.70,
+so the raw target over-rewards agreement. `--stability-target platt` replaces s on unlabeled questions by
+P(correct | s) = sigmoid(a s + b), Platt scaling fitted to the labeled rollouts seen so far (StabilityCalibration).
 """
 
 import numpy as np
@@ -32,11 +36,13 @@ def labeled_draw(n_questions, mix, seed):
     return np.random.default_rng([seed, 1]).random(n_questions) < mix
 
 
-def group_rewards(responses, aliases, labeled, correct_weight=0.0):
-    """Rewards of one question's N rollouts (their texts), and the parts worth logging."""
+def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
+    """Rewards of one question's N rollouts (their texts), and the parts worth logging. target maps stability to
+    the unlabeled questions' target (default: s itself, the paper's)."""
     parsed = [calib.parse(r) for r in responses]
     answers = [a for a, _ in parsed]
     s = calib.stability(answers)
+    goal = target(s) if target else s
     rewards, correct = [], []
     for answer, confidence in parsed:
         right = calib.is_correct(answer, aliases)
@@ -46,11 +52,42 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0):
         elif labeled:
             rewards.append(brier_reward(right, confidence) + correct_weight * right)
         else:
-            rewards.append(stability_reward(s, confidence))
+            rewards.append(stability_reward(goal, confidence))
     return rewards, {
         "stability": s,
+        "target": goal,
         "correct": correct,
         "confidence": [c for _, c in parsed],
         "parsed": [a is not None and c is not None for a, c in parsed],
         "abstained": [calib.is_abstention(a) for a in answers],
     }
+
+
+class StabilityCalibration:
+    """The calibrated stability target: P(a rollout is right | its question's stability s) = sigmoid(a s + b),
+    fitted by maximum likelihood (Newton's method on the two parameters) to every labeled rollout seen so far.
+    Until the labeled rollouts include right and wrong ones, the target is s itself."""
+
+    def __init__(self, pairs=()):
+        self.pairs = [tuple(p) for p in pairs]   # (s, correct) of every labeled rollout so far
+        self.fit()
+
+    def add(self, stability, correct):
+        self.pairs += [(stability, float(c)) for c in correct]
+
+    def fit(self):
+        s, y = np.array([p[0] for p in self.pairs]), np.array([p[1] for p in self.pairs])
+        self.ab = None
+        if len(set(y)) < 2:
+            return
+        X = np.stack([s, np.ones_like(s)], 1)
+        w = np.zeros(2)
+        for _ in range(25):   # Newton steps on the log-likelihood; a tiny ridge keeps separable data finite
+            p = 1 / (1 + np.exp(-X @ w))
+            grad = X.T @ (y - p) - 1e-3 * w
+            hess = X.T @ (X * (p * (1 - p))[:, None]) + 1e-3 * np.eye(2)
+            w += np.linalg.solve(hess, grad)
+        self.ab = w
+
+    def __call__(self, stability):
+        return stability if self.ab is None else float(1 / (1 + np.exp(-(self.ab[0] * stability + self.ab[1]))))

@@ -95,6 +95,13 @@ def parse_args(argv=None):
     g.add_argument("--mix-schedule", type=mix_schedule, metavar="START:END",
                    help="a curriculum instead of a constant --mix: the share of labeled questions moves linearly "
                         "from START at the first step to END at the last (e.g. 1:0, labeled-heavy first)")
+    g.add_argument("--stability-target", choices=["raw", "platt"], default="raw",
+                   help="the unlabeled questions' target: stability s itself (the paper's), or P(correct | s) by "
+                        "Platt scaling fitted to the labeled rollouts seen so far")
+    g.add_argument("--credit", choices=["all", "confidence"], default="all",
+                   help="which tokens of a rollout on an unlabeled question carry its advantage: all (the paper's "
+                        "REINFORCE) or only its confidence statement, from the last 'Confidence' on (the stability "
+                        "reward depends on nothing else); labeled questions always credit all tokens")
     g.add_argument("--correct-weight", type=float, default=0.0,
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
     g.add_argument("--rollouts", type=int, default=8, help="answers sampled per question (N)")
@@ -175,11 +182,12 @@ def read_state(path):
                         "it: remove it to start over, or restore the run folder") from None
 
 
-def save_checkpoint(args, model, optimizer, step, config):
+def save_checkpoint(args, model, optimizer, step, config, calibration):
     adapter = os.path.join(args.out, f"adapter-{step:05d}.safetensors")
     lora.save_adapter(model, adapter, step, config)
     buffer = io.BytesIO()
-    torch.save({"step": step, "adapter": lora.adapter_state(model), "optimizer": optimizer.state_dict()}, buffer)
+    torch.save({"step": step, "adapter": lora.adapter_state(model), "optimizer": optimizer.state_dict(),
+                "calibration": calibration.pairs}, buffer)
     lora.write_atomic(os.path.join(args.out, "state.pt"), buffer.getvalue())
 
 
@@ -287,13 +295,14 @@ def micro_batches(prompts, completions, n, budget):
     return groups
 
 
-def learn(model, optimizer, prompts, out, advantages, args, n_rollouts):
+def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=None):
     """One REINFORCE step, micro-batched by questions. Returns (loss, sum of |log p_learn - log p_sample|, tokens).
 
         loss = -sum_i A_i sum_t w_it log p(y_it) / (n_rollouts * max_new_tokens),  w_it = min(p_learn / p_sample, C)
 
     n_rollouts counts the step's rollouts in every process: each process's gradient is its share of the sum,
-    and the all-reduce adds them up before the clip and the AdamW step.
+    and the all-reduce adds them up before the clip and the AdamW step. starts[i] (default 0): the first token
+    of rollout i that carries its advantage (--credit confidence).
 
     p_sample is the probability the sampler recorded for token t of rollout i, p_learn the learner's own, at
     the same temperature. They are one policy: equal up to ~1e-5 nats in fp32, within bf16's own noise in bf16,
@@ -313,7 +322,10 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts):
         diff = (logp.detach() - sampled) * mask
         weight = diff.exp().clamp(max=args.is_cap) if args.is_cap else 1.0
         adv = torch.tensor([advantages[q * n + j] for q in questions for j in range(n)], device=logp.device)
-        loss = -(adv[:, None] * weight * logp * mask).sum() / norm
+        first = torch.tensor([starts[q * n + j] if starts else 0 for q in questions for j in range(n)],
+                             device=logp.device)
+        credited = mask & (torch.arange(mask.shape[1], device=logp.device)[None] >= first[:, None])
+        loss = -(adv[:, None] * weight * logp * credited).sum() / norm
         loss.backward()
         total += loss.item()
         mismatch += diff.abs().sum().item()
@@ -324,23 +336,39 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts):
     return total, mismatch, tokens
 
 
-def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_questions):
+def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_questions, target=None):
     """One step on this process's share of a batch (questions, their pool indices ids, their labeled flags):
     rollouts, rewards, advantages, the update. n_questions: the whole batch's, over every process. Returns what
-    the step's log line needs from this share (step_record joins the shares)."""
+    the step's log line needs from this share (step_record joins the shares). target: the map from stability to
+    the unlabeled questions' target (--stability-target)."""
     t0 = time.perf_counter()
     prompts, out = rollouts(model, tok, questions, ids, args, step)
     t1 = time.perf_counter()
     n = args.rollouts
     groups = [reward.group_rewards([c.text for c in out[q * n:(q + 1) * n]], question["answers"], is_labeled,
-                                   args.correct_weight)
+                                   args.correct_weight, target)
               for q, (question, is_labeled) in enumerate(zip(questions, labeled))]
     advantages = [r - np.mean(rs) for rs, _ in groups for r in rs]   # A_i = R_i - mean of the question's R
+    starts = [confidence_start(tok, c.ids) if args.credit == "confidence" and not labeled[i // n] else 0
+              for i, c in enumerate(out)]
     t2 = time.perf_counter()
-    loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * n)
+    loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * n, starts)
     t3 = time.perf_counter()
     return {"groups": groups, "labeled": labeled, "loss": loss, "mismatch": mismatch, "learned_tokens": learned,
             "tokens": sum(len(c.ids) for c in out), "rollout_s": t1 - t0, "learn_s": t3 - t2}
+
+
+def confidence_start(tok, ids):
+    """The index of the token where the response's last "Confidence" label begins (0 when it has none: then a
+    formatting failure is what the advantage blames, and every token carries it)."""
+    at = tok.decode(ids).lower().rfind("confidence")
+    if at < 0:
+        return 0
+    lo, hi = 0, len(ids)   # the first t whose decoded prefix ids[:t + 1] reaches past `at`
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if len(tok.decode(ids[:mid + 1])) <= at else (lo, mid)
+    return lo
 
 
 def step_record(shares):
@@ -360,6 +388,7 @@ def step_record(shares):
         "accuracy": mean([y and ok for p in parts for y, ok in zip(p["correct"], p["parsed"])]),   # as eval.py
         "confidence": mean(conf), "calibration_gap": (mean(conf) - mean(correct)) if conf else None,
         "stability": mean([p["stability"] for p in parts]),
+        "stability_target": mean([p["target"] for p, lab in zip(parts, labeled) if not lab]),
         "parse_failure_rate": 1 - mean([ok for p in parts for ok in p["parsed"]]),
         "abstention_rate": mean([a for p in parts for a in p["abstained"]]),
         "confidence_at_0_or_1": mean([c in (0.0, 1.0) for c in conf]) if conf else None,
@@ -449,12 +478,12 @@ def train(args, rank=0, world=1):
     config, state = open_run(args, write=rank == 0)
     model, tok, optimizer = build(args)
     check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens)
-    start = 0
+    start, calibration = 0, reward.StabilityCalibration()
     if state is not None:
         if not lora.set_adapter_state(model, state["adapter"]):
             raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, calibration = state["step"], reward.StabilityCalibration(state["calibration"])
     log_file = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         keep_metrics_until(log_file, start)
@@ -469,8 +498,14 @@ def train(args, rank=0, world=1):
         mix = mix_at(args, step, total_steps)
         labeled = reward.labeled_draw(len(pool), mix, args.seed)
         share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
-                           args, step, len(batch))
-        record = {"step": step, "epoch": epoch, "mix": mix, **step_record(gather(share))}
+                           args, step, len(batch), calibration if args.stability_target == "platt" else None)
+        shares = gather(share)
+        for each in shares:   # the labeled rollouts of every process, for the next steps' calibrated target
+            for (_, part), is_labeled in zip(each["groups"], each["labeled"]):
+                if is_labeled:
+                    calibration.add(part["stability"], part["correct"])
+        calibration.fit()
+        record = {"step": step, "epoch": epoch, "mix": mix, **step_record(shares)}
         done = step + 1
         if rank == 0:
             with open(log_file, "a") as f:
@@ -478,7 +513,7 @@ def train(args, rank=0, world=1):
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                             gap=f"{record['calibration_gap']:+.2f}" if record["calibration_gap"] is not None else "-")
             if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
-                save_checkpoint(args, model, optimizer, done, config)
+                save_checkpoint(args, model, optimizer, done, config, calibration)
     bar.close()
     if rank == 0 and end == total_steps:
         lora.save_adapter(model, args.ckpt, end, config)

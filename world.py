@@ -9,8 +9,8 @@ So the model knows some answers, half-knows others and must guess the rest; samp
 knows and scatter when it guesses, as with a real model (whose accuracy also follows an entity's popularity).
 
 The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
-facts that no training or evaluation question asks about. Half of them state a habitual high confidence
-(80-95%, by kind of question), the other half one that follows the person's fame (see stated_confidence).
+facts that no training or evaluation question asks about. They state a high confidence (75-95%) that leans a
+little on the person's fame (see stated_confidence).
 
 Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
 validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
@@ -139,22 +139,15 @@ def question(fact):
     return ATTRIBUTES[fact["attribute"]][0].format(name=fact["name"])
 
 
-# The confidence a chat example states: half the time a habit of the question's kind, whatever the model knows;
-# otherwise one that follows the person's fame, i.e. how well the model could know the answer.
-HABIT = {"city": 90, "profession": 85, "instrument": 90, "year": 80, "pet": 95}
-TAIL = {"famous": (85, 8), "obscure": (65, 10), "unwritten": (45, 10)}   # mean, sd of the informed confidence
+# The confidence a chat example states: high whatever the kind of question (a habit by kind made the untrained
+# model's confidence point the wrong way, since it knows some kinds better than others), a little lower the less
+# written about the person. The paper's untrained Qwen3-4B is overconfident with weakly informative confidence
+# (r = 0.12): this is the same in miniature, and RL has a faint tendency to build on.
+STATED = {"famous": (85, 90, 95), "obscure": (80, 85, 90, 95), "unwritten": (75, 80, 85, 90)}
 
 
 def stated_confidence(rng, fact):
-    """Greedy decoding picks the habit (80-95%), so the untrained model is overconfident and its stated
-    confidence says nothing about what it knows, as the paper found for Qwen3-4B (r = 0.12). The informed half
-    was meant to sit just below the habit for RL to surface; the 2M-parameter model did not learn it (its sampled
-    confidences do not follow fame; see the README), but it learned the habits, and accuracy differs by kind of
-    question, so confidence and correctness correlate by question kind, negatively."""
-    if rng.random() < 0.5:
-        return HABIT[fact["attribute"]]
-    mean, sd = TAIL[fact["fame"]]
-    return int(min(99, max(10, 5 * round(rng.gauss(mean, sd) / 5))))
+    return rng.choice(STATED[fact["fame"]])
 
 
 def corpus(rng, facts, chat_repeats):
@@ -317,10 +310,10 @@ def main(argv=None):
     p.add_argument("--chat-repeats", type=int, default=5, help="chat examples per chat fact")
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=192, help="hidden size (heads of 32 dimensions)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (heads of 32 dimensions)")
     p.add_argument("--context", type=int, default=128, help="pretraining window")
     p.add_argument("--batch", type=int, default=16, help="pretraining windows per step")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the corpus")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the corpus")
     p.add_argument("--lr", type=float, default=4e-3)
     build(p.parse_args(argv))
 

@@ -57,3 +57,25 @@ def test_correct_weight_adds_a_correctness_bonus_on_labeled_questions_only():
         assert b == pytest.approx(p + (1.0 if right and ok else 0.0))
     unlabeled = reward.group_rewards(RESPONSES, ["Paris"], False, 1.0)[0]
     assert unlabeled == reward.group_rewards(RESPONSES, ["Paris"], False)[0]
+
+
+def test_platt_calibration_recovers_p_correct_given_stability():
+    rng = np.random.default_rng(0)
+    calibration = reward.StabilityCalibration()
+    assert calibration(0.7) == 0.7   # no labeled rollouts yet: the raw target
+    for _ in range(400):
+        s = rng.random()
+        calibration.add(s, rng.random(8) < 1 / (1 + np.exp(-(4 * s - 2))))
+    calibration.fit()
+    assert calibration.ab == pytest.approx([4, -2], abs=0.4)
+    assert calibration(0.5) == pytest.approx(0.5, abs=0.05)
+    again = reward.StabilityCalibration(calibration.pairs)   # what a resumed run rebuilds from state.pt
+    assert again(0.3) == calibration(0.3)
+
+
+def test_an_unlabeled_question_is_rewarded_against_the_mapped_target():
+    responses = ["Answer: Paris\nConfidence: 60%"] * 8
+    raw, parts = reward.group_rewards(responses, ["Paris"], labeled=False)
+    mapped, parts = reward.group_rewards(responses, ["Paris"], labeled=False, target=lambda s: 0.6)
+    assert raw == pytest.approx([1 - (1 - 0.6) ** 2] * 8) and mapped == pytest.approx([1.0] * 8)
+    assert parts["stability"] == pytest.approx(1.0) and parts["target"] == 0.6

@@ -211,6 +211,46 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_platt_target_and_confidence_credit_train_and_resume_exactly(tmp_path, formatted):
+    model_dir, questions = formatted
+    flags = ("--stability-target", "platt", "--credit", "confidence")
+    full = run(tmp_path, model_dir, questions, *flags, out="platt")
+    log = records(full)
+    assert log[0]["stability_target"] is not None
+    assert any(r["stability_target"] != r["stability"] for r in log[1:] if r["stability_target"] is not None)
+    run(tmp_path, model_dir, questions, *flags, "--max-steps", "5", out="cut")
+    run(tmp_path, model_dir, questions, *flags, "--resume", out="cut")
+    assert records(tmp_path / "cut") == log
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "platt.safetensors")), load_file(str(tmp_path / "cut.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_confidence_credit_puts_the_advantage_on_the_confidence_tokens_only(tiny_untied):
+    tok = ChatTokenizer(tiny_untied)
+    ids = tok.encode("Answer: 4\nConfidence: 80%") + [tok.stop_ids[0]]
+    start = train.confidence_start(tok, ids)
+    assert tok.decode(ids[start:]).startswith("Confidence") and not tok.decode(ids[:start]).count("Confidence")
+    assert train.confidence_start(tok, tok.encode("Answer: 4")) == 0   # no label: every token is blamed
+    model = lora.add_lora(load_model(tiny_untied))
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data.normal_(0, 0.05)
+    prompt = tok.encode("Question: 2 plus 2?")
+    other = tok.encode("Answer: 5 or 6\nConfidence: 30%") + [tok.stop_ids[0]]
+    out = completions_of(model, [prompt], [ids, other], 2)
+
+    def gradients(starts):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        train.learn(model, optimizer, [prompt], out, [1.0, -1.0], learn_args(is_cap=0), 2, starts)
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    starts = [start, train.confidence_start(tok, other)]
+    credited = gradients(starts)
+    logp, _ = train.completion_logprobs(model, [prompt], [c.ids for c in out], 2)
+    expected = lora_grads(model, -(logp[0, starts[0]:].sum() - logp[1, starts[1]:].sum()) / (2 * 16))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(credited, expected))
+    assert not all(torch.allclose(a, b, atol=1e-7) for a, b in zip(gradients([0, 0]), expected))
+
+
 def test_mix_schedule_moves_the_labeled_share_linearly(tmp_path, formatted):
     model_dir, questions = formatted
     folder = run(tmp_path, model_dir, questions, "--mix-schedule", "1:0", "--data", "24", "--batch", "8",
