@@ -108,6 +108,13 @@ def clusters(answers):
     return list(counts.values()) + [1] * keys.count("")
 
 
+def cluster_shares(answers):
+    """Each answer's share n_k / N of the N answers in its cluster (a missing or empty answer: 1 / N)."""
+    keys = [normalize(a) if a is not None else "" for a in answers]
+    counts = Counter(k for k in keys if k)
+    return [counts[k] / len(answers) if k else 1 / len(answers) for k in keys]
+
+
 def stability(answers):
     """s = 1 - H / log N, with H = -sum_k (n_k / N) log(n_k / N) over the answer clusters.
     1 when all N answers agree, 0 when all differ."""

@@ -12,6 +12,8 @@ Grids:
   sweep       mix in {0, 0.25, 0.5, 0.75, 1}, 1,600 questions, 2 epochs
   rlcr        runs A, B, C with the RLCR-style correctness bonus (--correct-weight 1) beside the paper's reward
   curriculum  a labeled share moving 1 -> 0 or 0 -> 1 over training (--mix-schedule) beside a constant 0.5
+  knowledge   run C with the flags that depart from the paper: confidence-only credit, calibrated or
+              per-rollout stability targets
 
 Every condition trains in OUT/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors)
 and is evaluated greedily on the held-out set in OUT/<condition>-seed<k>/eval/ (eval.py's outputs). Rerunning
@@ -70,6 +72,10 @@ CONDITIONS = {
     "mix-0.75": Condition(train=(*SCARCE, "--mix", "0.75")),
     "labeled-first": Condition(train=(*SCARCE, "--mix-schedule", "1:0")),
     "unlabeled-first": Condition(train=(*SCARCE, "--mix-schedule", "0:1")),
+    # beyond the paper's estimator (train.py's flags that depart from it)
+    "C-credit": Condition(train=(*C, "--credit", "confidence")),
+    "C-platt": Condition(train=(*C, "--stability-target", "platt")),
+    "C-cluster": Condition(train=(*C, "--credit", "confidence", "--stability-target", "cluster")),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,6 +131,17 @@ GRIDS = {
                ("C", "C: mixed, 2 epochs", {}), ("C-rlcr", "C + correctness bonus", {})),
               "The bonus (--correct-weight 1) adds 1 * correct to the Brier reward of labeled questions."),
     ],
+    "knowledge": [
+        Table("Confidence that follows knowledge: run C with the flags that depart from the paper (1,600 questions, "
+              "2 epochs)", TRAINED,
+              (("untrained", "untrained", {}),
+               ("C", "C: the paper's estimator", {}),
+               ("C-credit", "C, the stability advantage on the confidence only (--credit confidence)", {}),
+               ("C-platt", "C, calibrated stability target (--stability-target platt)", {}),
+               ("C-cluster", "C, each rollout's answer-cluster share as target, confidence credit", {})),
+              "AUROC within kind: the count-weighted mean of the five kinds' AUROCs; AUROC of per-kind accuracy: "
+              "the bar a confidence that knows only the kind of question reaches."),
+    ],
     "curriculum": [
         Table("Curriculum: the labeled share moves linearly over training (1,600 questions, 2 epochs)", TRAINED,
               (("untrained", "untrained", {}),
@@ -133,6 +150,87 @@ GRIDS = {
                ("unlabeled-first", "unlabeled first: 0 -> 1", {}))),
     ],
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's claims, each tested by a difference between conditions (or between two figures of one): its 95%
+# interval comes from a paired bootstrap over the evaluation questions (the same questions in every condition),
+# pooled over seeds (each condition's figure is the mean over its seeds on the same resample).
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str          # the paper's claim, with its figures
+    figure: str         # the figure compared (an eval.py figure), or "oscillation" (from the training logs)
+    a: str              # the difference tested is figure(a) - figure(b), claimed to be above 0
+    b: str
+    figure_b: str = ""  # a second figure of the same condition, instead of figure(b)
+
+
+CLAIMS = {
+    "paper": [
+        Claim("Stability predicts correctness better than stated confidence (r = 0.48 against 0.12)",
+              "r_stability_correct", "untrained", "untrained", "r_confidence_correct"),
+        Claim("Pure Brier collapses on scarce data in its second epoch (accuracy 49.7% -> 31.5%)", "accuracy", "A", "B"),
+        Claim("The 50/50 mix keeps more accuracy than pure Brier there (43.6% against 31.5%)", "accuracy", "C", "B"),
+        Claim("Stability alone does not converge: its calibration gap keeps moving (5,000 questions)",
+              "oscillation", "stability-5000", "mixed-5000"),
+        Claim("Training beats the calibration prompt (gap +35.1% prompted, +11.7% trained)", "calibration_gap",
+              "prompted", "C"),
+    ],
+}
+OSCILLATION = "sd of the 25-step moving average of the calibration gap over the second half of training"
+
+
+def oscillation(args, name, seed):
+    gap = np.array([r["calibration_gap"] for r in evaluate.read_records(
+        os.path.join(run_folder(args, name, seed), "metrics.jsonl")) if r["calibration_gap"] is not None])
+    smooth = np.convolve(gap, np.ones(25) / 25, mode="valid")
+    return float(smooth[len(smooth) // 2:].std())
+
+
+def claim_test(claim, args, resamples=1000):
+    """(difference, 95% interval, what the interval says, over what it is taken)."""
+    if claim.figure == "oscillation":   # one figure per seed: the interval is over seeds
+        diffs = np.array([oscillation(args, claim.a, s) - oscillation(args, claim.b, s) for s in range(args.seeds)])
+        rng = np.random.default_rng(0)
+        boot = [diffs[rng.integers(0, len(diffs), len(diffs))].mean() for _ in range(resamples)]
+        return diffs.mean(), np.percentile(boot, [2.5, 97.5]), "seeds"
+    records = {name: [responses(args, name, s) for s in seeds_of(name, args)] for name in (claim.a, claim.b)}
+    n = len(records[claim.a][0])
+
+    def figure(name, key, rows):
+        ns = argparse.Namespace(group_by=None, rollouts=8 if rows[0]["stability"] is not None else 0)
+        return evaluate.figures(rows, ns)[key]
+
+    def difference(index):
+        a = np.mean([figure(claim.a, claim.figure, [seed[i] for i in index]) for seed in records[claim.a]])
+        key = claim.figure_b or claim.figure
+        b = np.mean([figure(claim.b, key, [seed[i] for i in index]) for seed in records[claim.b]])
+        return a - b
+    rng = np.random.default_rng(0)
+    boot = [difference(rng.integers(0, n, n)) for _ in range(resamples)]
+    return difference(np.arange(n)), np.nanpercentile(boot, [2.5, 97.5]), "questions, pooled over seeds"
+
+
+def claims_markdown(args):
+    lines = ["## The paper's claims, tested", "",
+             "Each claim is a difference between two conditions (or two figures of one), claimed to be above 0: "
+             "'holds' when its 95% interval is, 'reversed' when the interval is below 0, 'not shown' when it "
+             f"holds 0. Oscillation: the {OSCILLATION}.", "",
+             "| claim | difference | ours | 95% interval (over) | holds? |", "|---|---|---|---|---|"]
+    for claim in CLAIMS.get(args.grid, []):
+        value, (low, high), over = claim_test(claim, args)
+        second = f"{claim.figure_b} of {claim.a}" if claim.figure_b else f"{claim.figure} of {claim.b}"
+        what = f"{claim.figure} of {claim.a} - {second}"
+        if np.isnan(value):
+            verdict, shown = "not testable here (no figure: see the tables)", "-"
+        else:
+            verdict = "holds" if low > 0 else "reversed" if high < 0 else "not shown"
+            shown = f"{value:+.3f}"
+        interval = "-" if np.isnan(value) else f"[{low:+.3f}, {high:+.3f}] ({over})"
+        lines.append(f"| {claim.claim} | {what} | {shown} | {interval} | {verdict} |")
+    return lines + [""]
 
 
 def parse_args(argv=None):
@@ -144,7 +242,10 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="triviaqa", help="'triviaqa', 'tiny' or a JSONL file (train.py's --dataset)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every training condition with seeds 0..K-1")
     p.add_argument("--n", type=int, default=1000, help="held-out evaluation questions")
-    p.add_argument("--out", help="folder of the runs and the report (default: runs/<grid>)")
+    p.add_argument("--out", help="folder of the report (default: runs/<grid>)")
+    p.add_argument("--runs", help="folder of the condition runs (default: --out). Grids that share it share their "
+                                  "common conditions (B and C are in four grids), trained once; use it only for "
+                                  "grids run with the same --train-args")
     p.add_argument("--train-args", help="more train.py flags for every run, e.g. '--lr 2e-4'")
     p.add_argument("--eval-args", help="more eval.py flags for every evaluation")
     p.add_argument("--devices", type=device_slots, default=[None], metavar="LIST",
@@ -157,6 +258,7 @@ def parse_args(argv=None):
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     args.out = args.out or os.path.join("runs", args.grid)
+    args.runs = args.runs or args.out
     args.train_args, args.eval_args = shlex.split(args.train_args or ""), shlex.split(args.eval_args or "")
     return args
 
@@ -185,7 +287,7 @@ def grid_conditions(tables):
 
 
 def run_folder(args, name, seed):
-    return os.path.join(args.out, f"{name}-seed{seed}")
+    return os.path.join(args.runs, f"{name}-seed{seed}")
 
 
 def seeds_of(name, args):
@@ -310,6 +412,13 @@ def table_markdown(table, args, results):
     return lines
 
 
+def responses(args, name, seed):
+    """The per-question records of a condition's evaluation (eval.py's responses-<label>.jsonl)."""
+    folder = os.path.join(run_folder(args, name, seed), "eval")
+    return evaluate.read_records(os.path.join(folder, next(f for f in sorted(os.listdir(folder))
+                                                           if f.startswith("responses-"))))
+
+
 def slug(title):
     return "".join(ch if ch.isalnum() else "-" for ch in title.split(":")[0].lower()).strip("-")
 
@@ -332,11 +441,7 @@ def write_plots(args, table):
         evaluate.plot_logs({label: mean_log(name, args) for name, label in trained},
                            os.path.join(args.out, path), window=25)
         plots.append(("Reward, calibration gap and accuracy over training (mean of the seeds)", path))
-    records = {}
-    for name, label, _ in table.rows:
-        folder = os.path.join(run_folder(args, name, 0), "eval")
-        response_file = next(f for f in sorted(os.listdir(folder)) if f.startswith("responses-"))
-        records[label] = evaluate.read_records(os.path.join(folder, response_file))
+    records = {label: responses(args, name, 0) for name, label, _ in table.rows}
     path = f"reliability-{slug(table.title)}.png"
     evaluate.reliability_diagram(records, os.path.join(args.out, path))
     plots.append(("Reliability diagrams of the final checkpoints (seed 0)", path))
@@ -358,6 +463,8 @@ def write_report(args, tables, results):
             lines += [table.note, ""]
         for caption, path in write_plots(args, table):
             lines += [f"{caption}:", "", f"![{caption}]({path})", ""]
+    if args.grid in CLAIMS:
+        lines += claims_markdown(args)
     lora.write_atomic(os.path.join(args.out, "report.md"), "\n".join(lines))
 
 

@@ -15,6 +15,9 @@ correctness term for that reason; `correct_weight` W adds W * correct on labeled
 Stability is not a probability: a policy right half the time with one wrong alternative has expected s = 0.70,
 so the raw target over-rewards agreement. `--stability-target platt` replaces s on unlabeled questions by
 P(correct | s) = sigmoid(a s + b), Platt scaling fitted to the labeled rollouts seen so far (StabilityCalibration).
+And s is one target for all N rollouts of a question, so nothing in it tells a rollout's confidence to follow
+the answer it gave. `--stability-target cluster` gives each rollout its own: the share n_k / N of the N answers
+that fall in its answer's cluster (calib.cluster_shares), the frequency with which the policy gives that answer.
 """
 
 import numpy as np
@@ -37,14 +40,14 @@ def labeled_draw(n_questions, mix, seed):
 
 
 def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
-    """Rewards of one question's N rollouts (their texts), and the parts worth logging. target maps stability to
-    the unlabeled questions' target (default: s itself, the paper's)."""
+    """Rewards of one question's N rollouts (their texts), and the parts worth logging. target(s, answers) gives
+    each rollout's target on an unlabeled question (default: s for all N, the paper's)."""
     parsed = [calib.parse(r) for r in responses]
     answers = [a for a, _ in parsed]
     s = calib.stability(answers)
-    goal = target(s) if target else s
+    goals = target(s, answers) if target else [s] * len(answers)
     rewards, correct = [], []
-    for answer, confidence in parsed:
+    for (answer, confidence), goal in zip(parsed, goals):
         right = calib.is_correct(answer, aliases)
         correct.append(right)
         if answer is None or confidence is None:
@@ -55,7 +58,7 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
             rewards.append(stability_reward(goal, confidence))
     return rewards, {
         "stability": s,
-        "target": goal,
+        "target": float(np.mean(goals)),
         "correct": correct,
         "confidence": [c for _, c in parsed],
         "parsed": [a is not None and c is not None for a, c in parsed],

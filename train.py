@@ -15,6 +15,15 @@ How this departs from full policy-gradient machinery, on purpose:
     the exact REINFORCE gradient with no length bias; the constant denominator only sets the scale;
   - every generated token is in the loss, the stop token included, so the model learns when to stop.
 
+Flags that depart from the paper's estimator (its choice is each one's default):
+  --credit confidence        on an unlabeled question the advantage lands on the confidence statement only: the
+                             stability reward depends on nothing else, and crediting the answer tokens with it
+                             moves the answers for no reason (see the README's tiny-model section);
+  --stability-target platt   the unlabeled target is P(correct | s), fitted to the labeled rollouts so far;
+  --stability-target cluster each rollout's own target: the share of the N answers in its answer's cluster;
+  --correct-weight W         RLCR's correctness bonus on labeled questions;
+  --mix-schedule START:END   a curriculum of the labeled share.
+
     python train.py --data 1600 --epochs 2 --mix 0.5           # Qwen3-4B-Instruct-2507 on TriviaQA
     python train.py --model ./my-model --dataset train.jsonl   # a local model and question file
 """
@@ -95,9 +104,10 @@ def parse_args(argv=None):
     g.add_argument("--mix-schedule", type=mix_schedule, metavar="START:END",
                    help="a curriculum instead of a constant --mix: the share of labeled questions moves linearly "
                         "from START at the first step to END at the last (e.g. 1:0, labeled-heavy first)")
-    g.add_argument("--stability-target", choices=["raw", "platt"], default="raw",
-                   help="the unlabeled questions' target: stability s itself (the paper's), or P(correct | s) by "
-                        "Platt scaling fitted to the labeled rollouts seen so far")
+    g.add_argument("--stability-target", choices=["raw", "platt", "cluster"], default="raw",
+                   help="the unlabeled questions' target: stability s itself (the paper's); P(correct | s) by Platt "
+                        "scaling fitted to the labeled rollouts seen so far; or each rollout's own answer's share of "
+                        "the N answers (see reward.py)")
     g.add_argument("--credit", choices=["all", "confidence"], default="all",
                    help="which tokens of a rollout on an unlabeled question carry its advantage: all (the paper's "
                         "REINFORCE) or only its confidence statement, from the last 'Confidence' on (the stability "
@@ -339,8 +349,8 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
 def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_questions, target=None):
     """One step on this process's share of a batch (questions, their pool indices ids, their labeled flags):
     rollouts, rewards, advantages, the update. n_questions: the whole batch's, over every process. Returns what
-    the step's log line needs from this share (step_record joins the shares). target: the map from stability to
-    the unlabeled questions' target (--stability-target)."""
+    the step's log line needs from this share (step_record joins the shares). target: the unlabeled questions'
+    per-rollout targets (reward.group_rewards; None: stability, the paper's)."""
     t0 = time.perf_counter()
     prompts, out = rollouts(model, tok, questions, ids, args, step)
     t1 = time.perf_counter()
@@ -484,6 +494,8 @@ def train(args, rank=0, world=1):
             raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
         optimizer.load_state_dict(state["optimizer"])
         start, calibration = state["step"], reward.StabilityCalibration(state["calibration"])
+    targets = {"raw": None, "platt": lambda s, answers: [calibration(s)] * len(answers),
+               "cluster": lambda s, answers: calib.cluster_shares(answers)}
     log_file = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         keep_metrics_until(log_file, start)
@@ -498,7 +510,7 @@ def train(args, rank=0, world=1):
         mix = mix_at(args, step, total_steps)
         labeled = reward.labeled_draw(len(pool), mix, args.seed)
         share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
-                           args, step, len(batch), calibration if args.stability_target == "platt" else None)
+                           args, step, len(batch), targets[args.stability_target])
         shares = gather(share)
         for each in shares:   # the labeled rollouts of every process, for the next steps' calibrated target
             for (_, part), is_labeled in zip(each["groups"], each["labeled"]):

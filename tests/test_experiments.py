@@ -66,6 +66,34 @@ def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatt
     assert (out / "report.md").read_text() == report
 
 
+def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_trained_once(tmp_path, formatted, grid,
+                                                                                        monkeypatch):
+    model, questions = formatted
+    monkeypatch.setitem(experiments.CLAIMS, "two", [
+        experiments.Claim("T is more accurate than the untrained model", "accuracy", "T", "untrained"),
+        experiments.Claim("stability beats stated confidence", "r_stability_correct", "untrained", "untrained",
+                          "r_confidence_correct"),
+    ])
+    runs = tmp_path / "shared"
+    experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs)))
+    report = (tmp_path / "grid" / "report.md").read_text()
+    assert "## The paper's claims, tested" in report and (runs / "T-seed1" / "final.safetensors").exists()
+    row = next(line for line in report.splitlines() if line.startswith("| T is more accurate"))
+    t = [json.load(open(runs / f"T-seed{s}" / "eval" / "metrics.json"))["final"]["accuracy"] for s in (0, 1)]
+    base = json.load(open(runs / "untrained-seed0" / "eval" / "metrics.json"))["base"]["accuracy"]
+    assert f"| {sum(t) / 2 - base:+.3f} |" in row
+    assert any(v in row for v in ("| holds |", "| not shown |", "| reversed |"))
+    untrained = json.load(open(runs / "untrained-seed0" / "eval" / "metrics.json"))["base"]
+    difference = untrained["r_stability_correct"] - untrained["r_confidence_correct"]
+    row = next(line for line in report.splitlines() if line.startswith("| stability beats"))
+    assert (f"| {difference:+.3f} |" in row) or "not testable" in row
+    # a second grid on the same runs trains nothing
+    monkeypatch.setattr(experiments, "launch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--out",
+                          str(tmp_path / "other")))
+    assert (tmp_path / "other" / "report.md").exists()
+
+
 def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, formatted, grid, capsys):
     model, questions = formatted
     experiments.main(argv(tmp_path, model, questions))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import calib
 import reward
 
 
@@ -76,6 +77,15 @@ def test_platt_calibration_recovers_p_correct_given_stability():
 def test_an_unlabeled_question_is_rewarded_against_the_mapped_target():
     responses = ["Answer: Paris\nConfidence: 60%"] * 8
     raw, parts = reward.group_rewards(responses, ["Paris"], labeled=False)
-    mapped, parts = reward.group_rewards(responses, ["Paris"], labeled=False, target=lambda s: 0.6)
+    mapped, parts = reward.group_rewards(responses, ["Paris"], labeled=False, target=lambda s, answers: [0.6] * 8)
     assert raw == pytest.approx([1 - (1 - 0.6) ** 2] * 8) and mapped == pytest.approx([1.0] * 8)
     assert parts["stability"] == pytest.approx(1.0) and parts["target"] == 0.6
+
+
+def test_cluster_shares_target_each_rollout_with_its_own_answers_frequency():
+    answers = ["Paris", "paris", "Lyon", None, "?", "Paris", "Nice", "Lyon"]
+    assert calib.cluster_shares(answers) == [3 / 8, 3 / 8, 2 / 8, 1 / 8, 1 / 8, 3 / 8, 1 / 8, 2 / 8]
+    responses = [f"Answer: {a}\nConfidence: 50%" for a in ["Paris"] * 6 + ["Lyon"] * 2]
+    rewards, _ = reward.group_rewards(responses, ["Paris"], labeled=False,
+                                      target=lambda s, answers: calib.cluster_shares(answers))
+    assert rewards == pytest.approx([1 - (0.75 - 0.5) ** 2] * 6 + [1 - (0.25 - 0.5) ** 2] * 2)
