@@ -61,6 +61,13 @@ def parse(response):
     return (answer or None), (confidence_value(*found[-1]) if found else None)
 
 
+def confidence_at(response):
+    """Where the confidence that parse() reads begins in the response (the index of its label), or None."""
+    kept = [i for i, ch in enumerate(response) if ch != "*"]   # parse() reads the response without its `*`s
+    found = list(CONFIDENCE.finditer(response.replace("*", "")))
+    return kept[found[-1].start()] if found else None
+
+
 def confidence_value(number, percent):
     """The stated value in [0, 1], or None: `85` with or without `%` is 0.85, `0.85` is 0.85, `9/10` is 0.9."""
     fraction = FRACTION.fullmatch(number)
@@ -100,19 +107,23 @@ def is_abstention(answer):
     return answer is not None and normalize(answer) in ABSTENTIONS
 
 
+def cluster_keys(answers):
+    """Each answer's cluster: its normalized string. A missing answer, or one that normalizes to nothing ("?",
+    "the"), is None, its own cluster: failing to answer is not agreeing with anything."""
+    return [(normalize(a) if a is not None else "") or None for a in answers]
+
+
 def clusters(answers):
-    """Cluster sizes n_k of a question's N answers, grouped by normalized string. A missing answer, or one that
-    normalizes to nothing ("?", "the"), is its own cluster: failing to answer is not agreeing with anything."""
-    keys = [normalize(a) if a is not None else "" for a in answers]
-    counts = Counter(k for k in keys if k)
-    return list(counts.values()) + [1] * keys.count("")
+    """Cluster sizes n_k of a question's N answers (see cluster_keys)."""
+    keys = cluster_keys(answers)
+    return list(Counter(k for k in keys if k).values()) + [1] * keys.count(None)
 
 
 def cluster_shares(answers):
     """Each answer's share n_k / N of the N answers in its cluster (a missing or empty answer: 1 / N)."""
-    keys = [normalize(a) if a is not None else "" for a in answers]
-    counts = Counter(k for k in keys if k)
-    return [counts[k] / len(answers) if k else 1 / len(answers) for k in keys]
+    keys = cluster_keys(answers)
+    counts = Counter(keys)
+    return [(counts[k] if k else 1) / len(answers) for k in keys]
 
 
 def stability(answers):

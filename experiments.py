@@ -15,11 +15,12 @@ Grids:
   knowledge   run C with the flags that depart from the paper: confidence-only credit, calibrated or
               per-rollout stability targets
 
-Every condition trains in OUT/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors)
-and is evaluated greedily on the held-out set in OUT/<condition>-seed<k>/eval/ (eval.py's outputs). Rerunning
-the same command skips what is finished and resumes an interrupted training run. OUT/report.md holds the
-tables, OUT/training-*.png the calibration gap and accuracy over training, OUT/reliability-*.png the final
-checkpoints' reliability diagrams.
+Every condition trains in RUNS/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors;
+RUNS is --runs, by default --out) and is evaluated greedily on the held-out set in RUNS/<condition>-seed<k>/eval/
+(eval.py's outputs). Rerunning the same command skips what is finished and resumes an interrupted training run.
+OUT/report.md holds the tables (mean and sd over seeds), for the paper grid the claims tested (a paired
+bootstrap over the evaluation questions, pooled over seeds), OUT/training-*.png the calibration gap and accuracy
+over training, OUT/reliability-*.png the final checkpoints' reliability diagrams.
 """
 
 import argparse
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import calib
 import eval as evaluate
 import lora
 import train
@@ -139,8 +141,9 @@ GRIDS = {
                ("C-credit", "C, the stability advantage on the confidence only (--credit confidence)", {}),
                ("C-platt", "C, calibrated stability target (--stability-target platt)", {}),
                ("C-cluster", "C, each rollout's answer-cluster share as target, confidence credit", {})),
-              "AUROC within kind: the count-weighted mean of the five kinds' AUROCs; AUROC of per-kind accuracy: "
-              "the bar a confidence that knows only the kind of question reaches."),
+              "AUROC within kind: the count-weighted mean of the AUROCs within each kind of question (eval.py "
+              "--group-by kind); AUROC of per-kind accuracy: the bar a confidence that knows only the kind of "
+              "question reaches. C-cluster changes two things: compare it with C-credit."),
     ],
     "curriculum": [
         Table("Curriculum: the labeled share moves linearly over training (1,600 questions, 2 epochs)", TRAINED,
@@ -160,11 +163,12 @@ GRIDS = {
 
 @dataclass(frozen=True)
 class Claim:
-    claim: str          # the paper's claim, with its figures
-    figure: str         # the figure compared (an eval.py figure), or "oscillation" (from the training logs)
-    a: str              # the difference tested is figure(a) - figure(b), claimed to be above 0
+    claim: str           # the paper's claim, with its figures
+    figure: str          # the figure compared (an eval.py figure), or "oscillation" (from the training logs)
+    a: str               # the difference tested is figure(a) - figure(b), claimed to be above 0
     b: str
-    figure_b: str = ""  # a second figure of the same condition, instead of figure(b)
+    figure_b: str = ""   # a second figure of the same condition, instead of figure(b)
+    absolute: bool = False   # compare sizes: a calibration gap of -40% is not better than one of +35%
 
 
 CLAIMS = {
@@ -176,59 +180,67 @@ CLAIMS = {
         Claim("Stability alone does not converge: its calibration gap keeps moving (5,000 questions)",
               "oscillation", "stability-5000", "mixed-5000"),
         Claim("Training beats the calibration prompt (gap +35.1% prompted, +11.7% trained)", "calibration_gap",
-              "prompted", "C"),
+              "prompted", "C", absolute=True),
     ],
 }
 OSCILLATION = "sd of the 25-step moving average of the calibration gap over the second half of training"
+MIN_SEEDS = 3   # the oscillation claim's interval is over seeds: fewer give no interval worth the name
 
 
 def oscillation(args, name, seed):
     gap = np.array([r["calibration_gap"] for r in evaluate.read_records(
         os.path.join(run_folder(args, name, seed), "metrics.jsonl")) if r["calibration_gap"] is not None])
+    if len(gap) < 50:   # too short a run for a moving average and a second half
+        return float("nan")
     smooth = np.convolve(gap, np.ones(25) / 25, mode="valid")
     return float(smooth[len(smooth) // 2:].std())
 
 
 def claim_test(claim, args, resamples=1000):
-    """(difference, 95% interval, what the interval says, over what it is taken)."""
-    if claim.figure == "oscillation":   # one figure per seed: the interval is over seeds
-        diffs = np.array([oscillation(args, claim.a, s) - oscillation(args, claim.b, s) for s in range(args.seeds)])
-        rng = np.random.default_rng(0)
-        boot = [diffs[rng.integers(0, len(diffs), len(diffs))].mean() for _ in range(resamples)]
-        return diffs.mean(), np.percentile(boot, [2.5, 97.5]), "seeds"
+    """(difference, 95% interval, over what the interval is taken); NaN where the claim cannot be tested."""
+    if claim.figure == "oscillation":   # one figure per run: the interval is over seeds
+        if args.seeds < MIN_SEEDS:
+            return float("nan"), (float("nan"),) * 2, f"needs --seeds {MIN_SEEDS}"
+        diffs = [oscillation(args, claim.a, s) - oscillation(args, claim.b, s) for s in seeds_of(claim.a, args)]
+        low, high = calib.bootstrap(diffs, lambda d: {"d": float(np.mean(d))}, resamples)["d"]
+        return float(np.mean(diffs)), (low, high), "seeds"
     records = {name: [responses(args, name, s) for s in seeds_of(name, args)] for name in (claim.a, claim.b)}
-    n = len(records[claim.a][0])
+    questions = [r["question"] for r in records[claim.a][0]]
+    if any([r["question"] for r in rows] != questions for runs in records.values() for rows in runs):
+        raise UserError(f"{claim.a} and {claim.b} were not evaluated on the same questions: rerun their "
+                        "evaluations with the same --n and --eval-args")
 
-    def figure(name, key, rows):
-        ns = argparse.Namespace(group_by=None, rollouts=8 if rows[0]["stability"] is not None else 0)
-        return evaluate.figures(rows, ns)[key]
+    def figure(runs, key, index):   # the figure of a condition on these questions, averaged over its seeds
+        rollouts = runs[0][0]["stability"] is not None
+        values = [evaluate.figures([rows[i] for i in index], argparse.Namespace(group_by=None, rollouts=rollouts))[key]
+                  for rows in runs]
+        return abs(np.mean(values)) if claim.absolute else np.mean(values)
 
     def difference(index):
-        a = np.mean([figure(claim.a, claim.figure, [seed[i] for i in index]) for seed in records[claim.a]])
-        key = claim.figure_b or claim.figure
-        b = np.mean([figure(claim.b, key, [seed[i] for i in index]) for seed in records[claim.b]])
-        return a - b
-    rng = np.random.default_rng(0)
-    boot = [difference(rng.integers(0, n, n)) for _ in range(resamples)]
-    return difference(np.arange(n)), np.nanpercentile(boot, [2.5, 97.5]), "questions, pooled over seeds"
+        return {"d": figure(records[claim.a], claim.figure, index) - figure(records[claim.b], claim.figure_b or
+                                                                          claim.figure, index)}
+    # paired: each resample draws question indices once, for both conditions and every seed
+    low, high = calib.bootstrap(range(len(questions)), difference, resamples)["d"]
+    return difference(range(len(questions)))["d"], (low, high), "questions, pooled over seeds"
 
 
 def claims_markdown(args):
     lines = ["## The paper's claims, tested", "",
              "Each claim is a difference between two conditions (or two figures of one), claimed to be above 0: "
              "'holds' when its 95% interval is, 'reversed' when the interval is below 0, 'not shown' when it "
-             f"holds 0. Oscillation: the {OSCILLATION}.", "",
+             f"contains 0. Oscillation: the {OSCILLATION}. A gap is compared by its size.", "",
              "| claim | difference | ours | 95% interval (over) | holds? |", "|---|---|---|---|---|"]
-    for claim in CLAIMS.get(args.grid, []):
+    for claim in CLAIMS[args.grid]:
         value, (low, high), over = claim_test(claim, args)
         second = f"{claim.figure_b} of {claim.a}" if claim.figure_b else f"{claim.figure} of {claim.b}"
-        what = f"{claim.figure} of {claim.a} - {second}"
+        size = (lambda f: f"|{f}|") if claim.absolute else (lambda f: f)
+        what = f"{size(claim.figure + ' of ' + claim.a)} - {size(second)}"
         if np.isnan(value):
-            verdict, shown = "not testable here (no figure: see the tables)", "-"
+            verdict, shown, interval = "not testable here", "-", over if over.startswith("needs") else \
+                "- (no figure: see the tables)"
         else:
             verdict = "holds" if low > 0 else "reversed" if high < 0 else "not shown"
-            shown = f"{value:+.3f}"
-        interval = "-" if np.isnan(value) else f"[{low:+.3f}, {high:+.3f}] ({over})"
+            shown, interval = f"{value:+.3f}", f"[{low:+.3f}, {high:+.3f}] ({over})"
         lines.append(f"| {claim.claim} | {what} | {shown} | {interval} | {verdict} |")
     return lines + [""]
 
@@ -244,14 +256,15 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1000, help="held-out evaluation questions")
     p.add_argument("--out", help="folder of the report (default: runs/<grid>)")
     p.add_argument("--runs", help="folder of the condition runs (default: --out). Grids that share it share their "
-                                  "common conditions (B and C are in four grids), trained once; use it only for "
-                                  "grids run with the same --train-args")
+                                  "common conditions (C is in five grids, B in three), trained once; a folder run "
+                                  "with other flags is refused. Run one experiments.py at a time on it")
     p.add_argument("--train-args", help="more train.py flags for every run, e.g. '--lr 2e-4'")
     p.add_argument("--eval-args", help="more eval.py flags for every evaluation")
     p.add_argument("--devices", type=device_slots, default=[None], metavar="LIST",
                    help="run conditions at the same time, one per entry: 'cuda:0,cuda:1' (or '0,1', or a count "
                         "such as 4), '0+1,2+3' for two GPUs per condition (with --launcher torchrun), 'cpu,cpu' "
-                        "(default: one at a time on train.py's default device)")
+                        "(two at once on the CPU, each with half its cores) (default: one at a time on train.py's "
+                        "default device)")
     p.add_argument("--launcher", help="how each train.py / eval.py run starts, e.g. 'torchrun --nproc-per-node 2' "
                                       "for data-parallel runs (default: this Python)")
     args = p.parse_args(argv)
@@ -298,23 +311,39 @@ def seeds_of(name, args):
 def run_condition(name, seed, args, device=None):
     """Train (or resume) and evaluate one condition on `device` (a slot of --devices); returns its eval metrics."""
     cond, folder = CONDITIONS[name], run_folder(args, name, seed)
-    final = os.path.join(folder, "final.safetensors")
+    final, results = os.path.join(folder, "final.safetensors"), os.path.join(folder, "eval", "metrics.json")
+    training = ["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed), "--out", folder,
+                "--ckpt", final, *args.train_args] if cond.train else []
+    system = [final] if cond.train else ["--model", args.model]
+    system += ["--group-by", "kind"] if args.dataset == "tiny" else []   # the world's questions know their kind
+    # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
+    evaluation = [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out", os.path.dirname(results),
+                  *cond.eval, *args.eval_args]
+    claim_folder(folder, {"train.py": training, "eval.py": evaluation})
     if cond.train and not os.path.exists(final):
         resuming = os.path.exists(os.path.join(folder, "config.json"))
         print(f"  training{' (resuming)' if resuming else ''}: {folder}", flush=True)
-        launch("train.py", ["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed),
-                            "--out", folder, "--ckpt", final, *args.train_args] + (["--resume"] if resuming else []),
-               args, device, folder)
-    results = os.path.join(folder, "eval", "metrics.json")
+        launch("train.py", training + (["--resume"] if resuming else []), args, device, folder)
     if not os.path.exists(results):
         print(f"  evaluating: {folder}", flush=True)
-        system = [final] if cond.train else ["--model", args.model]
-        system += ["--group-by", "kind"] if args.dataset == "tiny" else []   # the world's questions know their kind
-        # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
-        launch("eval.py", [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out",
-                           os.path.dirname(results), *cond.eval, *args.eval_args], args, device, folder)
+        launch("eval.py", evaluation, args, device, folder)
     with open(results) as f:
         return next(iter(json.load(f).values()))
+
+
+def claim_folder(folder, commands):
+    """A run folder belongs to one condition: FOLDER/commands.json records the commands of its first run, and a
+    grid that would run other commands there (another --train-args, --n, --model, ... on a shared --runs) is
+    refused instead of reusing results that are not its own."""
+    path = os.path.join(folder, "commands.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != commands:
+                raise UserError(f"{folder} holds a run with other flags (see {path}); use another --runs, or the "
+                                "flags it was run with")
+        return
+    os.makedirs(folder, exist_ok=True)
+    lora.write_atomic(path, json.dumps(commands, indent=2))
 
 
 def launch(script, argv, args, device, folder):
@@ -326,6 +355,8 @@ def launch(script, argv, args, device, folder):
         command += ["--device", "cpu" if device == "cpu" else "cuda"]
         if device != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = device   # the run sees its GPUs as cuda:0, cuda:1, ...
+        elif len(args.devices) > 1:   # CPU slots share the cores: more threads than cores all spin and crawl
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(args.devices))))
     log = os.path.join(folder, script.replace(".py", ".log")) if len(args.devices) > 1 else None
     if log:
         os.makedirs(folder, exist_ok=True)

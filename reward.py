@@ -68,8 +68,10 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
 
 class StabilityCalibration:
     """The calibrated stability target: P(a rollout is right | its question's stability s) = sigmoid(a s + b),
-    fitted by maximum likelihood (Newton's method on the two parameters) to every labeled rollout seen so far.
-    Until the labeled rollouts include right and wrong ones, the target is s itself."""
+    fitted by maximum a posteriori (Newton's method on the two parameters, a standard normal prior on each) to
+    every labeled rollout seen so far. Until the labeled rollouts include right and wrong ones, the target is s
+    itself. The prior keeps the first fits, on a few questions whose right and wrong rollouts s may separate
+    perfectly, from becoming a step function; with hundreds of rollouts it hardly matters."""
 
     def __init__(self, pairs=()):
         self.pairs = [tuple(p) for p in pairs]   # (s, correct) of every labeled rollout so far
@@ -79,18 +81,22 @@ class StabilityCalibration:
         self.pairs += [(stability, float(c)) for c in correct]
 
     def fit(self):
-        s, y = np.array([p[0] for p in self.pairs]), np.array([p[1] for p in self.pairs])
+        pairs = sorted(self.pairs)   # one order whatever the order they came in (processes, resumes)
+        s, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
         self.ab = None
         if len(set(y)) < 2:
             return
         X = np.stack([s, np.ones_like(s)], 1)
         w = np.zeros(2)
-        for _ in range(25):   # Newton steps on the log-likelihood; a tiny ridge keeps separable data finite
-            p = 1 / (1 + np.exp(-X @ w))
-            grad = X.T @ (y - p) - 1e-3 * w
-            hess = X.T @ (X * (p * (1 - p))[:, None]) + 1e-3 * np.eye(2)
-            w += np.linalg.solve(hess, grad)
+        for _ in range(25):   # Newton steps on log-likelihood - |w|^2 / 2; concave, so a few steps converge
+            p = sigmoid(X @ w)
+            hess = X.T @ (X * (p * (1 - p))[:, None]) + np.eye(2)
+            w += np.linalg.solve(hess, X.T @ (y - p) - w)
         self.ab = w
 
     def __call__(self, stability):
-        return stability if self.ab is None else float(1 / (1 + np.exp(-(self.ab[0] * stability + self.ab[1]))))
+        return stability if self.ab is None else float(sigmoid(self.ab[0] * stability + self.ab[1]))
+
+
+def sigmoid(z):
+    return 0.5 * (1 + np.tanh(0.5 * z))   # = 1 / (1 + exp(-z)), without overflow for large |z|

@@ -110,8 +110,9 @@ def parse_args(argv=None):
                         "the N answers (see reward.py)")
     g.add_argument("--credit", choices=["all", "confidence"], default="all",
                    help="which tokens of a rollout on an unlabeled question carry its advantage: all (the paper's "
-                        "REINFORCE) or only its confidence statement, from the last 'Confidence' on (the stability "
-                        "reward depends on nothing else); labeled questions always credit all tokens")
+                        "REINFORCE) or only its confidence statement, from the 'Confidence:' label that is read on "
+                        "(the stability reward depends on nothing else); labeled questions, and rollouts without a "
+                        "parsable answer and confidence, always credit all tokens")
     g.add_argument("--correct-weight", type=float, default=0.0,
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
     g.add_argument("--rollouts", type=int, default=8, help="answers sampled per question (N)")
@@ -147,6 +148,8 @@ def parse_args(argv=None):
         p.error("--rollouts must be at least 2: stability compares answers")
     if args.temperature <= 0 or args.is_cap < 0:
         p.error("--temperature must be above 0 (rollouts are sampled) and --is-cap at least 0")
+    if args.stability_target == "platt" and max(args.mix_schedule or (args.mix,)) == 0:
+        p.error("--stability-target platt fits P(correct | s) to labeled questions: it needs --mix above 0")
     if args.lr is None:
         args.lr = TINY_LR if args.model == "tiny" else LR
     return args
@@ -171,7 +174,9 @@ def open_run(args, write=True):
             old = json.load(f)
         if not args.resume:
             raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
-        differ = sorted(k for k in config if k not in RUN_KEYS_THAT_MAY_CHANGE and old.get(k) != config[k])
+        defaults = vars(parse_args([]))   # a flag added since the run began had its default then
+        differ = sorted(k for k in config if k not in RUN_KEYS_THAT_MAY_CHANGE
+                        and old.get(k, defaults.get(k)) != config[k])
         if differ:
             raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
                             "resume with the same flags, or choose another --out")
@@ -359,8 +364,10 @@ def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_que
                                    args.correct_weight, target)
               for q, (question, is_labeled) in enumerate(zip(questions, labeled))]
     advantages = [r - np.mean(rs) for rs, _ in groups for r in rs]   # A_i = R_i - mean of the question's R
-    starts = [confidence_start(tok, c.ids) if args.credit == "confidence" and not labeled[i // n] else 0
-              for i, c in enumerate(out)]
+    # --credit confidence: an unlabeled rollout's advantage on its confidence statement only, unless the rollout
+    # failed the format (no answer or no confidence): then the format is what the reward blames, on every token
+    starts = [confidence_start(tok, c.ids) if args.credit == "confidence" and not labeled[i // n]
+              and groups[i // n][1]["parsed"][i % n] else 0 for i, c in enumerate(out)]
     t2 = time.perf_counter()
     loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * n, starts)
     t3 = time.perf_counter()
@@ -369,10 +376,10 @@ def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_que
 
 
 def confidence_start(tok, ids):
-    """The index of the token where the response's last "Confidence" label begins (0 when it has none: then a
-    formatting failure is what the advantage blames, and every token carries it)."""
-    at = tok.decode(ids).lower().rfind("confidence")
-    if at < 0:
+    """The index of the token where the confidence statement that calib.parse reads begins (its label), 0 when
+    there is none."""
+    at = calib.confidence_at(tok.decode(ids))
+    if at is None:
         return 0
     lo, hi = 0, len(ids)   # the first t whose decoded prefix ids[:t + 1] reaches past `at`
     while lo < hi:
@@ -493,7 +500,7 @@ def train(args, rank=0, world=1):
         if not lora.set_adapter_state(model, state["adapter"]):
             raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
         optimizer.load_state_dict(state["optimizer"])
-        start, calibration = state["step"], reward.StabilityCalibration(state["calibration"])
+        start, calibration = state["step"], reward.StabilityCalibration(state.get("calibration", ()))
     targets = {"raw": None, "platt": lambda s, answers: [calibration(s)] * len(answers),
                "cluster": lambda s, answers: calib.cluster_shares(answers)}
     log_file = os.path.join(args.out, "metrics.jsonl")
@@ -512,11 +519,12 @@ def train(args, rank=0, world=1):
         share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
                            args, step, len(batch), targets[args.stability_target])
         shares = gather(share)
-        for each in shares:   # the labeled rollouts of every process, for the next steps' calibrated target
-            for (_, part), is_labeled in zip(each["groups"], each["labeled"]):
-                if is_labeled:
-                    calibration.add(part["stability"], part["correct"])
-        calibration.fit()
+        if args.stability_target == "platt":   # every process's labeled rollouts, for the next steps' target
+            for each in shares:
+                for (_, part), is_labeled in zip(each["groups"], each["labeled"]):
+                    if is_labeled:
+                        calibration.add(part["stability"], part["correct"])
+            calibration.fit()
         record = {"step": step, "epoch": epoch, "mix": mix, **step_record(shares)}
         done = step + 1
         if rank == 0:

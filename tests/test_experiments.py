@@ -73,6 +73,8 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
         experiments.Claim("T is more accurate than the untrained model", "accuracy", "T", "untrained"),
         experiments.Claim("stability beats stated confidence", "r_stability_correct", "untrained", "untrained",
                           "r_confidence_correct"),
+        experiments.Claim("T's gap is smaller", "calibration_gap", "untrained", "T", absolute=True),
+        experiments.Claim("T oscillates", "oscillation", "T", "untrained"),
     ])
     runs = tmp_path / "shared"
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs)))
@@ -87,11 +89,19 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
     difference = untrained["r_stability_correct"] - untrained["r_confidence_correct"]
     row = next(line for line in report.splitlines() if line.startswith("| stability beats"))
     assert (f"| {difference:+.3f} |" in row) or "not testable" in row
+    gaps = [json.load(open(runs / f"T-seed{s}" / "eval" / "metrics.json"))["final"]["calibration_gap"] for s in (0, 1)]
+    row = next(line for line in report.splitlines() if line.startswith("| T's gap"))
+    assert f"| {abs(untrained['calibration_gap']) - abs(sum(gaps) / 2):+.3f} |" in row, row
+    row = next(line for line in report.splitlines() if line.startswith("| T oscillates"))
+    assert "needs --seeds 3" in row and "not testable here" in row   # an interval over 2 seeds is no interval
     # a second grid on the same runs trains nothing
     monkeypatch.setattr(experiments, "launch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--out",
                           str(tmp_path / "other")))
     assert (tmp_path / "other" / "report.md").exists()
+    # a grid with other flags is refused the shared folders, not handed their results
+    with pytest.raises(experiments.UserError, match="holds a run with other flags"):
+        experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--n", "5"))
 
 
 def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, formatted, grid, capsys):

@@ -70,8 +70,11 @@ def test_platt_calibration_recovers_p_correct_given_stability():
     calibration.fit()
     assert calibration.ab == pytest.approx([4, -2], abs=0.4)
     assert calibration(0.5) == pytest.approx(0.5, abs=0.05)
-    again = reward.StabilityCalibration(calibration.pairs)   # what a resumed run rebuilds from state.pt
+    again = reward.StabilityCalibration(calibration.pairs[::-1])   # what a resumed run, or torchrun, rebuilds
     assert again(0.3) == calibration(0.3)
+    # two questions that s separates perfectly: the prior keeps the first fit a slope, not a step
+    early = reward.StabilityCalibration([(0.2, 0.0)] * 8 + [(0.9, 1.0)] * 8)
+    assert 0.3 < early(0.55) < 0.7 and early(0.2) < early(0.55) < early(0.9) and abs(early.ab[0]) < 10
 
 
 def test_an_unlabeled_question_is_rewarded_against_the_mapped_target():

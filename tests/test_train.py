@@ -216,8 +216,11 @@ def test_platt_target_and_confidence_credit_train_and_resume_exactly(tmp_path, f
     flags = ("--stability-target", "platt", "--credit", "confidence")
     full = run(tmp_path, model_dir, questions, *flags, out="platt")
     log = records(full)
-    assert log[0]["stability_target"] is not None
-    assert any(r["stability_target"] != r["stability"] for r in log[1:] if r["stability_target"] is not None)
+    # beside the raw target with the same seed: step 0 is the same (nothing labeled seen yet), so step 1 samples
+    # the same rollouts, and only the fitted map can make its target differ
+    raw = records(run(tmp_path, model_dir, questions, "--credit", "confidence", out="raw"))
+    assert log[0] == raw[0] and log[1]["stability"] == raw[1]["stability"]
+    assert log[1]["stability_target"] != raw[1]["stability_target"]
     run(tmp_path, model_dir, questions, *flags, "--max-steps", "5", out="cut")
     run(tmp_path, model_dir, questions, *flags, "--resume", out="cut")
     assert records(tmp_path / "cut") == log
@@ -273,6 +276,9 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--mix-schedule", "1-0"])
     assert "--mix-schedule: must be START:END with both in [0, 1] (e.g. 1:0), got 1-0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--mix", "0", "--stability-target", "platt"])
+    assert "--stability-target platt fits P(correct | s) to labeled questions" in capsys.readouterr().err
     with pytest.raises(UserError, match="--data 11 is larger than the pool.*10 training questions"):
         train.main(["--model", tiny_tied, "--dataset", questions, "--data", "11", "--out", str(tmp_path / "r")])
     args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "1", "--batch", "4",
@@ -282,6 +288,10 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
         train.main(args)
     with pytest.raises(UserError, match=r"holds another run \(its config differs in: lr\)"):
         train.main(args + ["--resume", "--lr", "0.5"])
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    del config["credit"]   # a run begun before --credit existed resumes: the flag had its default then
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    train.main(args + ["--resume"])
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="a-file is a file, not a run folder"):
         train.main(args[:-4] + ["--out", str(tmp_path / "a-file"), "--ckpt", str(tmp_path / "c")])
