@@ -9,14 +9,14 @@ So the model knows some answers, half-knows others and must guess the rest; samp
 knows and scatter when it guesses, as with a real model (whose accuracy also follows an entity's popularity).
 
 The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
-facts that no training or evaluation question asks about. They state a high confidence (75-95%) that leans a
-little on the person's fame (see stated_confidence).
+facts that no training or evaluation question asks about. Most state a habitual high confidence (85-95%), one in
+five a confidence that follows the person's fame (see stated_confidence).
 
 Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
 validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
 split, for analysis) and MANIFEST (sha256 of every file). Same seed, same files.
 
-    python world.py                  # rebuild tiny/ (about 25 minutes on 2 CPU cores)
+    python world.py                  # rebuild tiny/ (about 55 minutes on 2 CPU cores)
 """
 
 import argparse
@@ -139,15 +139,18 @@ def question(fact):
     return ATTRIBUTES[fact["attribute"]][0].format(name=fact["name"])
 
 
-# The confidence a chat example states: high whatever the kind of question (a habit by kind made the untrained
-# model's confidence point the wrong way, since it knows some kinds better than others), a little lower the less
-# written about the person. The paper's untrained Qwen3-4B is overconfident with weakly informative confidence
-# (r = 0.12): this is the same in miniature, and RL has a faint tendency to build on.
-STATED = {"famous": (85, 90, 95), "obscure": (80, 85, 90, 95), "unwritten": (75, 80, 85, 90)}
+# The confidence a chat example states. Four times in five a high habit (85, 90 or 95%) whatever the question or
+# the person; once in five one that follows the person's fame. A habit by kind of question made the untrained
+# model's confidence point the wrong way (it knows some kinds better than others); chat confidences that all
+# followed fame were learned so well that the untrained model was already discriminating (r = 0.70). The paper's
+# untrained Qwen3-4B is overconfident with weakly informative confidence (r = 0.12): this is the same in miniature,
+# with a faint tendency for RL to build on.
+HABIT = (85, 90, 95)
+INFORMED = {"famous": (90, 95), "obscure": (75, 80, 85), "unwritten": (55, 60, 65, 70)}
 
 
 def stated_confidence(rng, fact):
-    return rng.choice(STATED[fact["fame"]])
+    return rng.choice(HABIT if rng.random() < 0.8 else INFORMED[fact["fame"]])
 
 
 def corpus(rng, facts, chat_repeats):
@@ -313,7 +316,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="hidden size (heads of 32 dimensions)")
     p.add_argument("--context", type=int, default=128, help="pretraining window")
     p.add_argument("--batch", type=int, default=16, help="pretraining windows per step")
-    p.add_argument("--epochs", type=int, default=12, help="passes over the corpus")
+    p.add_argument("--epochs", type=int, default=16, help="passes over the corpus")
     p.add_argument("--lr", type=float, default=4e-3)
     build(p.parse_args(argv))
 
