@@ -1,7 +1,7 @@
 """Reproduce the paper's experiments with one command: a named grid of training runs and evaluations, then a
 report that puts the paper's figures beside ours.
 
-    python experiments.py paper --model tiny --dataset tiny --out results/tiny-paper   # 36 min on 2 CPU cores
+    python experiments.py paper --model tiny --dataset tiny --seeds 3 --devices cpu,cpu   # 46 min on 2 CPU cores
     python experiments.py paper --seeds 3                # Qwen3-4B-Instruct-2507 on TriviaQA (needs a GPU)
     python experiments.py sweep --model tiny --dataset tiny --train-args="--lr 2e-4"
 
@@ -175,7 +175,8 @@ CLAIMS = {
     "paper": [
         Claim("Stability predicts correctness better than stated confidence (r = 0.48 against 0.12)",
               "r_stability_correct", "untrained", "untrained", "r_confidence_correct"),
-        Claim("Pure Brier collapses on scarce data in its second epoch (accuracy 49.7% -> 31.5%)", "accuracy", "A", "B"),
+        Claim("Pure Brier collapses on scarce data in its second epoch (accuracy 49.7% -> 31.5%)",
+              "accuracy", "A", "B"),
         Claim("The 50/50 mix keeps more accuracy than pure Brier there (43.6% against 31.5%)", "accuracy", "C", "B"),
         Claim("Stability alone does not converge: its calibration gap keeps moving (5,000 questions)",
               "oscillation", "stability-5000", "mixed-5000"),

@@ -18,7 +18,7 @@ How this departs from full policy-gradient machinery, on purpose:
 Flags that depart from the paper's estimator (its choice is each one's default):
   --credit confidence        on an unlabeled question the advantage lands on the confidence statement only: the
                              stability reward depends on nothing else, and crediting the answer tokens with it
-                             moves the answers for no reason (see the README's tiny-model section);
+                             moves the answers for no reason (the README says what each gave on the tiny model);
   --stability-target platt   the unlabeled target is P(correct | s), fitted to the labeled rollouts so far;
   --stability-target cluster each rollout's own target: the share of the N answers in its answer's cluster;
   --correct-weight W         RLCR's correctness bonus on labeled questions;
@@ -128,7 +128,7 @@ def parse_args(argv=None):
                    help="token positions per forward/backward in the learning step, counted as questions x "
                         "(prompt + rollouts x longest answer): bounds its memory (one question at least)")
     g.add_argument("--lr", type=float, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
-                   f"models; {TINY_LR} for --model tiny, whose 2M weights need larger steps)")
+                   f"models; {TINY_LR} for --model tiny, whose few weights need larger steps)")
     g.add_argument("--rank", type=int, default=1, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=2.0, help="LoRA alpha (the update is scaled by alpha / rank)")
     g.add_argument("--targets", default=",".join(lora.TARGETS), help="comma-separated projections given a LoRA")

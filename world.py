@@ -68,7 +68,7 @@ CHAT_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_index
 SYLLABLES = ["ka", "ve", "ro", "tal", "min", "dor", "sel", "qui", "bar", "nis", "lo", "fen", "gar", "thu", "ex",
              "pra", "mo", "zel", "ian", "cor", "du", "wen", "ost", "ril", "ha", "jo", "sti", "vak", "ne", "ul"]
 
-# Answer pools of 8: small enough that a 2M-parameter model memorizes thousands of facts in minutes.
+# Answer pools of 8: small enough that a model of a few million parameters memorizes thousands of facts.
 CITIES = ["Port Avel", "Lake Morrow", "Brackwater", "Fendale", "Saint Orrin", "Dunmere", "Corvin Falls", "Varda"]
 PROFESSIONS = ["glassblower", "cartographer", "beekeeper", "locksmith", "astronomer", "lighthouse keeper", "weaver",
                "clockmaker"]
@@ -177,8 +177,8 @@ def corpus(rng, facts, chat_repeats):
 
 def train_tokenizer(texts, vocab_size, names):
     """Byte-level BPE like Qwen's, one token per digit (as Qwen3 splits numbers), Qwen3's special tokens, and
-    one token per person's name: a 2M-parameter model can memorize facts keyed by one embedding, not facts
-    keyed by a sequence of syllable pieces (a first build with such names learned almost nothing)."""
+    one token per person's name: a model of a few million parameters can memorize facts keyed by one embedding,
+    not facts keyed by a sequence of syllable pieces (a first build with such names learned almost nothing)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
