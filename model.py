@@ -187,12 +187,11 @@ class KVCache:
         self.valid = self.valid[rows]
 
     def repeat(self, n):
-        """Each row n times in a row, e.g. to copy a prefilled prompt to its n samples. With gradients (the
-        learning step) the backward of this copy is a plain sum of the n copies' gradients."""
-        def rep(x):   # (B, ...) -> (B, n, ...) -> (B * n, ...), always a copy (cache rows are written in place)
-            return x.unsqueeze(1).repeat(1, n, *[1] * (x.dim() - 1)).flatten(0, 1)
-        self.kv = [(rep(k), rep(v)) for k, v in self.kv]
-        self.valid = rep(self.valid)
+        """Each row n times in a row (n an int, or a count per row), e.g. to copy a prefilled prompt to its n
+        samples. With gradients (the learning step) the backward of this copy is a plain sum of the copies'
+        gradients. repeat_interleave always copies: cache rows are written in place."""
+        self.kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
+        self.valid = self.valid.repeat_interleave(n, 0)
 
 
 class Qwen3(nn.Module):

@@ -242,29 +242,37 @@ def completion_logprobs(model, prompts, completions, n, temperature=1.0):
 
     prompts: Q token lists; completions: Q * n token lists, prompt-major (the n answers to prompt 0 first).
     Nothing is computed twice: the instruction all prompts share once, each question once for its n answers,
-    as a prefix tree in one KV cache (keys and values (rows, Hkv, slots, D) per layer, with gradients: the
-    LoRA changes them):
+    each distinct answer to a question once, as a prefix tree in one KV cache (keys and values
+    (rows, Hkv, slots, D) per layer, with gradients: the LoRA changes them):
       1. the S tokens all prompts share (the instruction before the question) run once, as one row;
       2. that row is repeated Q times, and each prompt's own rest, left-padded to R, runs after it;
-      3. each prompt's row is repeated n times, and the completions, right-padded to L, run after it (all but
-         their last column, which is only ever predicted).
+      3. each prompt's row is repeated once per distinct answer to it (U rows in all: a policy repeats itself,
+         about half of the tiny model's answers are copies of another to the same question), and those
+         answers, right-padded to L, run after it (all but their last column, which is only ever predicted).
     Each query sees its own prefix and its own earlier tokens; positions continue along each path; padding
-    (found from lengths, never from `ids == pad`) is masked. The backward of a repeat is a sum, so a shared
-    prefix collects the gradients of every answer that reads it. Token t of a completion is predicted by the
-    hidden state before it: its prompt's last for t = 0, its own at t - 1 after. Each of these is the state a
-    full pass over prompt + completion gives (same keys, values, positions and mask), so the log-probs and
-    their gradient are too (tested), for S + Q * (R + n * (L - 1)) token positions instead of Q * n * (S + R + L).
+    (found from lengths, never from `ids == pad`) is masked. The backward of a repeat, and of handing one
+    distinct answer's log-probs to each of its copies, is a sum, so a shared prefix collects the gradients of
+    every answer that reads it. Token t of a completion is predicted by the hidden state before it: its
+    prompt's last for t = 0, its own at t - 1 after. Each of these is the state a full pass over prompt +
+    completion gives (same keys, values, positions and mask), so the log-probs and their gradient are too
+    (tested), for S + Q * R + U * (L - 1) token positions instead of Q * n * (S + R + L).
     Returns the log-probs (Q * n, L), zero at padding, and the mask of real tokens (Q * n, L).
     """
     device = model.lm_head.weight.device
     Q, L = len(prompts), max(map(len, completions))
     S = shared_prefix(prompts)
     rest, rest_valid = left_pad([p[S:] for p in prompts], 0, device)            # (Q, R)
-    tokens = torch.zeros(Q * n, L, dtype=torch.long)
-    for i, c in enumerate(completions):
+    # The distinct (question, answer) pairs, question by question; copy[i]: which of them completion i is.
+    pairs = [(i // n, tuple(c)) for i, c in enumerate(completions)]
+    distinct = list(dict.fromkeys(pairs))
+    where = {pair: j for j, pair in enumerate(distinct)}
+    copy = torch.tensor([where[pair] for pair in pairs], device=device)
+    rows = torch.tensor([q for q, _ in distinct], device=device)                # (U,) the question of each row
+    tokens = torch.zeros(len(distinct), L, dtype=torch.long)
+    for i, (_, c) in enumerate(distinct):
         tokens[i, :len(c)] = torch.tensor(c)
-    lengths = torch.tensor([len(c) for c in completions])
-    mask = (torch.arange(L)[None] < lengths[:, None]).to(device)                # (Q * n, L)
+    lengths = torch.tensor([len(c) for _, c in distinct])
+    mask = (torch.arange(L)[None] < lengths[:, None]).to(device)                # (U, L)
     tokens = tokens.to(device)
 
     cache = KVCache(model.cfg, 1, S + rest.shape[1] + L, model.lm_head.weight.dtype, device)
@@ -273,16 +281,16 @@ def completion_logprobs(model, prompts, completions, n, temperature=1.0):
     cache.repeat(Q)
     positions = S + (rest_valid.long().cumsum(-1) - 1).clamp(min=0)              # (Q, R)
     h_prompt = model.hidden_states(rest, rest_valid, positions, cache=cache)[:, -1]   # (Q, hidden)
-    cache.repeat(n)
-    rows = torch.arange(Q, device=device).repeat_interleave(n)
+    cache.repeat(torch.bincount(rows, minlength=Q))
     # The last column is only ever a target, never an input: completions run as L - 1 columns.
-    positions = (S + rest_valid.sum(-1))[rows, None] + torch.arange(L - 1, device=device)   # (Q * n, L - 1)
-    h = model.hidden_states(tokens[:, :-1], mask[:, :-1], positions, cache=cache)          # (Q * n, L - 1, hidden)
+    positions = (S + rest_valid.sum(-1))[rows, None] + torch.arange(L - 1, device=device)   # (U, L - 1)
+    h = model.hidden_states(tokens[:, :-1], mask[:, :-1], positions, cache=cache)          # (U, L - 1, hidden)
     h_pred = torch.cat([h_prompt[rows, None], h], 1)[mask]                      # (real tokens, hidden)
     # In chunks, recomputed in the backward pass: only LOGIT_CHUNK x vocab logits are ever held at once.
     logp = torch.cat([checkpoint(head_logprobs, model, hc, tc, temperature, use_reentrant=False)
                       for hc, tc in zip(h_pred.split(LOGIT_CHUNK), tokens[mask].split(LOGIT_CHUNK))])
-    return torch.zeros(Q * n, L, device=device).masked_scatter(mask, logp), mask
+    logp = torch.zeros(len(distinct), L, device=device).masked_scatter(mask, logp)
+    return logp[copy], mask[copy]
 
 
 def shared_prefix(prompts):
@@ -297,7 +305,8 @@ def shared_prefix(prompts):
 def micro_batches(prompts, completions, n, budget):
     """Questions grouped so that each group's padded size Q * (P + n * L), with P its longest prompt and L its
     longest completion, stays within `budget` token positions (one question at least). The learning step's
-    memory grows with that size, so the budget bounds it whatever the lengths. Questions are taken in order of
+    memory grows with that size (at most: copies of an answer run once), so the budget bounds it whatever the
+    lengths. Questions are taken in order of
     their longest completion, so that long ones pad each other rather than short ones."""
     longest = [max(len(completions[q * n + j]) for j in range(n)) for q in range(len(prompts))]
     groups = [[]]

@@ -103,6 +103,27 @@ def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
             assert (a - b).norm() <= 1e-5 * b.norm()
 
 
+def test_copies_of_an_answer_run_once_and_share_its_gradient(tiny_untied):
+    """Identical answers to one question are one row of the pass; the same answer to another question is not."""
+    model = lora.add_lora(load_model(tiny_untied))
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data.normal_(0, 0.05)
+    completions = [[11, 12, 2], [13, 2], [11, 12, 2], [13, 2], [14, 15, 2], [13, 2]]   # n = 3 per prompt
+    batch_rows, hidden_states = [], model.hidden_states
+    model.hidden_states = lambda ids, *a, **kw: batch_rows.append(len(ids)) or hidden_states(ids, *a, **kw)
+    logp, mask = train.completion_logprobs(model, PROMPTS, completions, 3)
+    assert batch_rows == [1, 2, 4]   # the shared instruction, the 2 prompts, 2 + 2 distinct answers
+    assert mask.tolist() == [[t < len(c) for t in range(3)] for c in completions]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
+    deduplicated = lora_grads(model, (logp.sum(-1) * weights).sum())
+    reference = full_pass_logprobs(model, PROMPTS, completions, 3)
+    for i, expected in enumerate(reference):
+        assert torch.allclose(logp[i, :len(completions[i])], expected, atol=1e-5)
+    per_sequence = lora_grads(model, sum(w * lp.sum() for w, lp in zip(weights, reference)))
+    for a, b in zip(deduplicated, per_sequence):
+        assert (a - b).norm() <= 1e-5 * b.norm()
+
+
 def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_untied):
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [8], [20, 21]]
     completions = [[11, 12, 2], [13, 2], [14, 15, 16, 17, 2], [4], [3, 3], [5], [6, 6, 6], [7, 2]]
