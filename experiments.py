@@ -78,6 +78,8 @@ CONDITIONS = {
     "C-credit": Condition(train=(*C, "--credit", "confidence")),
     "C-platt": Condition(train=(*C, "--stability-target", "platt")),
     "C-cluster": Condition(train=(*C, "--credit", "confidence", "--stability-target", "cluster")),
+    "mixed-5000-platt": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0.5",
+                                         "--stability-target", "platt")),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +146,14 @@ GRIDS = {
               "AUROC within kind: the count-weighted mean of the AUROCs within each kind of question (eval.py "
               "--group-by kind); AUROC of per-kind accuracy: the bar a confidence that knows only the kind of "
               "question reaches. C-cluster changes two things: compare it with C-credit."),
+        Table("The calibrated stability target with abundant questions (5,000 questions, 1 epoch)", TRAINED,
+              (("untrained", "untrained", {}),
+               ("stability-5000", "100% stability: the paper's estimator", {}),
+               ("mixed-5000", "50/50 mixed: the paper's estimator", {}),
+               ("mixed-5000-platt", "50/50 mixed, calibrated stability target (--stability-target platt)", {})),
+              "The calibrated target is fitted on the labeled rollouts seen so far, so it needs labeled questions: "
+              "a 100% stability run has none (train.py refuses --stability-target platt with --mix 0), and the "
+              "50/50 run carries it instead."),
     ],
     "curriculum": [
         Table("Curriculum: the labeled share moves linearly over training (1,600 questions, 2 epochs)", TRAINED,
