@@ -306,8 +306,8 @@ def micro_batches(prompts, completions, n, budget):
     """Questions grouped so that each group's padded size Q * (P + n * L), with P its longest prompt and L its
     longest completion, stays within `budget` token positions (one question at least). The learning step's
     memory grows with that size (at most: copies of an answer run once), so the budget bounds it whatever the
-    lengths. Questions are taken in order of
-    their longest completion, so that long ones pad each other rather than short ones."""
+    lengths. Questions are taken in order of their longest completion, so that long ones pad each other rather
+    than short ones."""
     longest = [max(len(completions[q * n + j]) for j in range(n)) for q in range(len(prompts))]
     groups = [[]]
     for q in sorted(range(len(prompts)), key=lambda q: longest[q]):

@@ -103,15 +103,17 @@ def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
             assert (a - b).norm() <= 1e-5 * b.norm()
 
 
-def test_copies_of_an_answer_run_once_and_share_its_gradient(tiny_untied):
+def test_copies_of_an_answer_run_once_and_share_its_gradient(tiny_untied, monkeypatch):
     """Identical answers to one question are one row of the pass; the same answer to another question is not."""
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
         m.lora_B.weight.data.normal_(0, 0.05)
     completions = [[11, 12, 2], [13, 2], [11, 12, 2], [13, 2], [14, 15, 2], [13, 2]]   # n = 3 per prompt
     batch_rows, hidden_states = [], model.hidden_states
-    model.hidden_states = lambda ids, *a, **kw: batch_rows.append(len(ids)) or hidden_states(ids, *a, **kw)
-    logp, mask = train.completion_logprobs(model, PROMPTS, completions, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "hidden_states",
+                      lambda ids, *a, **kw: batch_rows.append(len(ids)) or hidden_states(ids, *a, **kw))
+        logp, mask = train.completion_logprobs(model, PROMPTS, completions, 3)
     assert batch_rows == [1, 2, 4]   # the shared instruction, the 2 prompts, 2 + 2 distinct answers
     assert mask.tolist() == [[t < len(c) for t in range(3)] for c in completions]
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
