@@ -10,7 +10,7 @@ knows and scatter when it guesses, as with a real model (whose accuracy also fol
 
 The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
 facts that no training or evaluation question asks about. Most state a habitual high confidence (85-95%), one in
-five a confidence that follows the person's fame (see stated_confidence).
+five (--informed-share) a confidence that follows the person's fame (see stated_confidence).
 
 Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
 validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
@@ -144,16 +144,18 @@ def question(fact):
 # model's confidence point the wrong way (it knows some kinds better than others); chat confidences that all
 # followed fame were learned so well that the untrained model was already discriminating (r = 0.70). The paper's
 # untrained Qwen3-4B is overconfident with weakly informative confidence (r = 0.12): this is the same in miniature,
-# with a faint tendency for RL to build on.
+# with a faint tendency for RL to build on. --informed-share sets how often the chat examples follow fame: at 0.2
+# (the committed tiny/) the untrained model's stated confidence ignores fame entirely and RL cannot make it
+# follow knowledge; at 0.5 it follows fame faintly untrained and RL sharpens it (README).
 HABIT = (85, 90, 95)
 INFORMED = {"famous": (90, 95), "obscure": (75, 80, 85), "unwritten": (55, 60, 65, 70)}
 
 
-def stated_confidence(rng, fact):
-    return rng.choice(HABIT if rng.random() < 0.8 else INFORMED[fact["fame"]])
+def stated_confidence(rng, fact, informed_share):
+    return rng.choice(HABIT if rng.random() < 1 - informed_share else INFORMED[fact["fame"]])
 
 
-def corpus(rng, facts, chat_repeats):
+def corpus(rng, facts, chat_repeats, informed_share):
     """Pretraining documents: paragraphs of fact statements (each fact as often as its mention count, in
     random phrasings) and chat-format question-answer examples about the chat facts."""
     sentences = []
@@ -165,7 +167,7 @@ def corpus(rng, facts, chat_repeats):
     for f in facts:
         if f["split"] == "chat":
             for _ in range(chat_repeats):
-                reply = f"Answer: {f['value']}\nConfidence: {stated_confidence(rng, f)}%"
+                reply = f"Answer: {f['value']}\nConfidence: {stated_confidence(rng, f, informed_share)}%"
                 documents.append(calib.messages(question(f)) + [{"role": "assistant", "content": reply}])
     rng.shuffle(documents)
     return documents
@@ -279,7 +281,7 @@ def build(args):
     rng = random.Random(args.seed)
     facts = make_world(rng, args.people)
     split_facts(rng, facts, args.eval_questions, args.train_questions)
-    documents = corpus(rng, facts, args.chat_repeats)
+    documents = corpus(rng, facts, args.chat_repeats, args.informed_share)
     template = compile_template(CHAT_TEMPLATE)
     texts = [render(d, template) for d in documents]
     tok = train_tokenizer(texts, args.vocab, sorted({f["name"] for f in facts}))
@@ -311,6 +313,9 @@ def main(argv=None):
     p.add_argument("--eval-questions", type=int, default=1050, help="held-out evaluation questions")
     p.add_argument("--train-questions", type=int, default=5000, help="RL training pool")
     p.add_argument("--chat-repeats", type=int, default=5, help="chat examples per chat fact")
+    p.add_argument("--informed-share", type=float, default=0.2,
+                   help="share of chat examples whose stated confidence follows the person's fame (the rest: "
+                        "a habit of 85-95%%)")
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256, help="hidden size (heads of 32 dimensions)")

@@ -4,6 +4,7 @@ run through the public commands; world.py rebuilds the same files from the same 
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -72,3 +73,17 @@ def test_world_rebuilds_the_same_files_from_the_same_seed(tmp_path):
     manifest = lambda d: (tmp_path / d / "MANIFEST").read_text()
     assert manifest("a") == manifest("b")
     assert manifest("a") != manifest("c")
+
+
+def test_informed_share_sets_how_often_chat_confidence_follows_fame():
+    fact = {"fame": "unwritten"}
+
+    def said(share, seed=1, n=400):
+        rng = random.Random(seed)
+        return [world.stated_confidence(rng, fact, share) for _ in range(n)]
+    assert set(said(0.0)) <= set(world.HABIT) and set(said(1.0)) <= set(world.INFORMED["unwritten"])
+    assert 0.4 < sum(c in world.INFORMED["unwritten"] for c in said(0.5)) / 400 < 0.6
+    # the default, 0.2, draws exactly as the committed tiny/ was built: the habit when the uniform is below 0.8
+    old = random.Random(2)
+    built = [old.choice(world.HABIT if old.random() < 0.8 else world.INFORMED["unwritten"]) for _ in range(200)]
+    assert said(0.2, seed=2, n=200) == built
