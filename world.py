@@ -9,8 +9,8 @@ So the model knows some answers, half-knows others and must guess the rest; samp
 knows and scatter when it guesses, as with a real model (whose accuracy also follows an entity's popularity).
 
 The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
-facts that no training or evaluation question asks about. Most state a habitual high confidence (85-95%), one in
-five (--informed-share) a confidence that follows the person's fame (see stated_confidence).
+facts that no training or evaluation question asks about. Half state a habitual high confidence (85-95%), half
+(--informed-share) a confidence that follows the person's fame (see stated_confidence).
 
 Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
 validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
@@ -139,14 +139,14 @@ def question(fact):
     return ATTRIBUTES[fact["attribute"]][0].format(name=fact["name"])
 
 
-# The confidence a chat example states. Four times in five a high habit (85, 90 or 95%) whatever the question or
-# the person; once in five one that follows the person's fame. A habit by kind of question made the untrained
-# model's confidence point the wrong way (it knows some kinds better than others); chat confidences that all
-# followed fame were learned so well that the untrained model was already discriminating (r = 0.70). The paper's
-# untrained Qwen3-4B is overconfident with weakly informative confidence (r = 0.12): this is the same in miniature,
-# with a faint tendency for RL to build on. --informed-share sets how often the chat examples follow fame: at 0.2
-# (the committed tiny/) the untrained model's stated confidence ignores fame entirely and RL cannot make it
-# follow knowledge; at 0.5 it follows fame faintly untrained and RL sharpens it (README).
+# The confidence a chat example states. Half the time a high habit (85, 90 or 95%) whatever the question or the
+# person; half the time one that follows the person's fame (--informed-share). A habit by kind of question made the
+# untrained model's confidence point the wrong way (it knows some kinds better than others); chat confidences that
+# all followed fame were learned so well that the untrained model was already discriminating (r = 0.70). The
+# paper's untrained Qwen3-4B is overconfident with weakly informative confidence (r = 0.12): this is the same in
+# miniature, with a faint tendency for RL to build on. With one in five informed (0.2) the untrained model's
+# stated confidence ignored fame entirely and RL could not make it follow knowledge, only one number for every
+# question; at 0.5 (the committed tiny/) it follows fame faintly untrained and RL sharpens it (README).
 HABIT = (85, 90, 95)
 INFORMED = {"famous": (90, 95), "obscure": (75, 80, 85), "unwritten": (55, 60, 65, 70)}
 
@@ -304,7 +304,7 @@ def build(args):
     print(f"wrote {args.out}")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join(HERE, "tiny"), help="where to write the model and question sets")
@@ -313,7 +313,7 @@ def main(argv=None):
     p.add_argument("--eval-questions", type=int, default=1050, help="held-out evaluation questions")
     p.add_argument("--train-questions", type=int, default=5000, help="RL training pool")
     p.add_argument("--chat-repeats", type=int, default=5, help="chat examples per chat fact")
-    p.add_argument("--informed-share", type=float, default=0.2,
+    p.add_argument("--informed-share", type=float, default=0.5,
                    help="share of chat examples whose stated confidence follows the person's fame (the rest: "
                         "a habit of 85-95%%)")
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary")
@@ -323,7 +323,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="pretraining windows per step")
     p.add_argument("--epochs", type=int, default=16, help="passes over the corpus")
     p.add_argument("--lr", type=float, default=4e-3)
-    build(p.parse_args(argv))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    build(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_informed_share_sets_how_often_chat_confidence_follows_fame():
         return [world.stated_confidence(rng, fact, share) for _ in range(n)]
     assert set(said(0.0)) <= set(world.HABIT) and set(said(1.0)) <= set(world.INFORMED["unwritten"])
     assert 0.4 < sum(c in world.INFORMED["unwritten"] for c in said(0.5)) / 400 < 0.6
-    # the default, 0.2, draws exactly as the committed tiny/ was built: the habit when the uniform is below 0.8
+    # the default, 0.5, draws exactly as the committed tiny/ was built: the habit when the uniform is below 0.5
     old = random.Random(2)
-    built = [old.choice(world.HABIT if old.random() < 0.8 else world.INFORMED["unwritten"]) for _ in range(200)]
-    assert said(0.2, seed=2, n=200) == built
+    built = [old.choice(world.HABIT if old.random() < 0.5 else world.INFORMED["unwritten"]) for _ in range(200)]
+    assert said(world.parse_args([]).informed_share, seed=2, n=200) == built
