@@ -16,7 +16,7 @@ Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (th
 validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
 split, for analysis) and MANIFEST (sha256 of every file). Same seed, same files.
 
-    python world.py                  # rebuild tiny/ (about 55 minutes on 2 CPU cores)
+    python world.py                  # rebuild tiny/ (about 57 minutes on 2 CPU cores)
 """
 
 import argparse
