@@ -54,15 +54,15 @@ class Condition:
     eval: tuple = ()    # eval.py flags added to the greedy evaluation
 
 
-SCARCE = ("--data", "1600", "--epochs", "2")
+SCARCE, ABUNDANT = ("--data", "1600", "--epochs", "2"), ("--data", "5000", "--epochs", "1")
 A, B, C = ("--data", "1600", "--epochs", "1", "--mix", "1"), (*SCARCE, "--mix", "1"), (*SCARCE, "--mix", "0.5")
 BONUS = ("--correct-weight", "1")   # the RLCR-style correctness term
 CONDITIONS = {
     "untrained": Condition(eval=("--rollouts", "8")),   # 8 sampled answers per question: the sanity check
     "prompted": Condition(eval=("--prompt", "calibrated")),
-    "brier-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "1")),
-    "mixed-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0.5")),
-    "stability-5000": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0")),
+    "brier-5000": Condition(train=(*ABUNDANT, "--mix", "1")),
+    "mixed-5000": Condition(train=(*ABUNDANT, "--mix", "0.5")),
+    "stability-5000": Condition(train=(*ABUNDANT, "--mix", "0")),
     "A": Condition(train=A),
     "B": Condition(train=B),
     "C": Condition(train=C),
@@ -78,8 +78,7 @@ CONDITIONS = {
     "C-credit": Condition(train=(*C, "--credit", "confidence")),
     "C-platt": Condition(train=(*C, "--stability-target", "platt")),
     "C-cluster": Condition(train=(*C, "--credit", "confidence", "--stability-target", "cluster")),
-    "mixed-5000-platt": Condition(train=("--data", "5000", "--epochs", "1", "--mix", "0.5",
-                                         "--stability-target", "platt")),
+    "mixed-5000-platt": Condition(train=(*ABUNDANT, "--mix", "0.5", "--stability-target", "platt")),
 }
 
 # ----------------------------------------------------------------------------------------------------------
