@@ -151,27 +151,36 @@ def load_questions(dataset, split):
     if dataset == "tiny":
         return read_jsonl(os.path.join(TINY, f"{split}.jsonl"))
     if not os.path.isfile(dataset):
-        raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa' nor a JSONL file")
+        raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa', 'tiny' nor a JSONL file")
     return read_jsonl(dataset)
 
 
 def read_jsonl(path):
+    """The questions of a JSONL file: one object per line, UTF-8 (with or without a byte-order mark) or UTF-16
+    with one (what some Windows editors write). Anything else is one line naming the file and what is wrong."""
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as "
+                        "UTF-8") from None
     questions = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                ok = (isinstance(item, dict) and isinstance(item.get("question"), str)
-                      and isinstance(item.get("answers"), list) and item["answers"]
-                      and all(isinstance(a, str) for a in item["answers"]))
-            except json.JSONDecodeError:
-                ok = False
-            if not ok:
-                raise UserError(f"{path}, line {number}: expected a JSON object "
-                                '{"question": "...", "answers": ["...", ...]}')
-            questions.append(item)   # other fields (the tiny world's kind, fame) are kept for eval.py --group-by
+    for number, line in enumerate(text.split("\n"), 1):   # not splitlines: U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{path}, line {number}: not JSON ({str(e).split(':')[0]})") from None
+        if not (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip()
+                and isinstance(item.get("answers"), list) and item["answers"]
+                and all(isinstance(a, str) for a in item["answers"])):
+            raise UserError(f"{path}, line {number}: expected a JSON object "
+                            '{"question": "...", "answers": ["...", ...]} (a question and a non-empty list of '
+                            "answers, all text)")
+        questions.append(item)   # other fields (the tiny world's kind, fame) are kept for eval.py --group-by
     return questions
 
 

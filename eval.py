@@ -18,10 +18,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import calib
+import cli
 import lora
 from model import ChatTokenizer, UserError, load_model, model_id
 from rollout import check_length, generate, seed_of
-from train import HelpFormatter, distributed, gather
+from train import distributed, gather
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
 # readable heuristic for the paper's behavioural finding, not a classifier.
@@ -40,39 +41,38 @@ GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[3:]),
-                                formatter_class=HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("checkpoints", nargs="*", help="adapters to evaluate; none: the base model")
     p.add_argument("--model", help="base model (default: each checkpoint's own; without checkpoints "
                    "Qwen/Qwen3-4B-Instruct-2507)")
     p.add_argument("--dataset", help="'triviaqa' (its validation split), 'tiny' (world.py's) or a JSONL file "
                    "(default: 'tiny' for the tiny model, else 'triviaqa')")
-    p.add_argument("--n", "--questions", type=int, default=1000, dest="n",
+    p.add_argument("--n", "--questions", type=cli.count, default=1000, dest="n",
                    help="evaluation questions (a seeded subset; all if fewer)")
     p.add_argument("--prompt", choices=sorted(calib.PROMPTS), default="default",
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
-    p.add_argument("--rollouts", type=int, default=0,
+    p.add_argument("--rollouts", type=cli.natural, default=0,
                    help="also sample N answers per question: stability and its correlation with correctness")
     p.add_argument("--group-by", metavar="FIELD",
                    help="a field of the question file (the tiny world's: kind, fame): the figures per group, the "
                         "AUROC within groups, and the AUROC of the per-group accuracy as the confidence")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each answer")
-    p.add_argument("--batch", type=int, default=32, help="questions per generation batch")
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
-    p.add_argument("--seed", type=int, default=0, help="seeds the question subset, the rollouts and the bootstrap")
+    p.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
+    p.add_argument("--batch", type=cli.count, default=32, help="questions per generation batch")
+    p.add_argument("--bootstrap", type=cli.natural, default=1000, help="resamples for the 95%% intervals (0: none)")
+    p.add_argument("--seed", type=cli.natural, default=0, help="seeds the question subset, the rollouts and the bootstrap")
     p.add_argument("--out", default="runs/eval", help="folder for the per-question JSONL, PNG and markdown")
     p.add_argument("--json", help="write all metrics here (default: OUT/metrics.json)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    default="bfloat16" if torch.cuda.is_available() else "float32", help="weights' dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:K")
     p.add_argument("--plot-log", nargs="+", metavar="LOG", help="plot training logs (metrics.jsonl) and exit")
     args = p.parse_args(argv)
-    if args.rollouts == 1 or args.rollouts < 0:
-        p.error("--rollouts must be 0 (none) or at least 2")
-    for name in ("n", "max_new_tokens", "batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out} is a file; it must be a folder (new or existing)")
+    if args.rollouts == 1:
+        p.error("--rollouts must be 0 (none) or at least 2: stability compares answers")
+    cli.check_writable(args.out, "--out", folder=True)
+    if args.json:
+        cli.check_writable(args.json, "--json")
     return args
 
 
@@ -231,8 +231,17 @@ def read_records(path):
     """The rows of a JSONL file we wrote: a training log (metrics.jsonl) or per-question responses."""
     if not os.path.isfile(path):
         raise UserError(f"not found: {path}")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):   # a last line torn by a crash mid-write is left out; any other is an error
+                raise UserError(f"{path}, line {number} is not JSON; is it a file train.py or eval.py wrote?") \
+                    from None
+    return records
 
 
 def plot_logs(runs, path, window=1):
@@ -277,6 +286,10 @@ def main(argv=None):
 
 def evaluate(args, rank=0):
     bases = [lora.read_adapter(c)[1]["base_model"] for c in args.checkpoints]   # every file checked up front
+    for checkpoint, base in zip(args.checkpoints, bases):
+        if args.model is None and os.path.isabs(base) and not os.path.isdir(base):
+            raise UserError(f"{checkpoint} was trained on the model in {base}, which is no longer there; put the "
+                            "model back in that folder (an adapter names its base model by its path)")
     if args.dataset is None:
         args.dataset = "tiny" if "tiny" in bases + [args.model] else "triviaqa"
     pool = calib.load_questions(args.dataset, "validation")
@@ -292,7 +305,7 @@ def evaluate(args, rank=0):
         label = label_of(checkpoint, records)
         model, tok = load_system(checkpoint, args)
         check_length(model, [tok.chat(calib.messages(q["question"], args.prompt)) for q in questions],
-                     args.max_new_tokens)
+                     args.max_new_tokens, [q["question"] for q in questions])
         records[label] = answer_all(model, tok, questions, args, label)
         del model
     if rank > 0:   # under torchrun, rank 0 alone summarizes and writes
@@ -313,7 +326,4 @@ def evaluate(args, rank=0):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)

@@ -24,6 +24,8 @@ over training, OUT/reliability-*.png the final checkpoints' reliability diagrams
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import queue
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import calib
+import cli
 import eval as evaluate
 import lora
 import train
@@ -257,13 +260,13 @@ def claims_markdown(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " " + __doc__.split("\n")[1],
-                                epilog="\n".join(__doc__.split("\n")[3:]), formatter_class=train.HelpFormatter)
+                                epilog="\n".join(__doc__.split("\n")[3:]), formatter_class=cli.HelpFormatter)
     p.add_argument("grid", choices=list(GRIDS), help="which experiments to run")
     p.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507",
                    help="hub id, local model directory, or 'tiny' (world.py's)")
     p.add_argument("--dataset", default="triviaqa", help="'triviaqa', 'tiny' or a JSONL file (train.py's --dataset)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat every training condition with seeds 0..K-1")
-    p.add_argument("--n", type=int, default=1000, help="held-out evaluation questions")
+    p.add_argument("--seeds", type=cli.count, default=1, help="repeat every training condition with seeds 0..K-1")
+    p.add_argument("--n", type=cli.count, default=1000, help="held-out evaluation questions")
     p.add_argument("--out", help="folder of the report (default: runs/<grid>)")
     p.add_argument("--runs", help="folder of the condition runs (default: --out). Grids that share it share their "
                                   "common conditions (C is in five grids, B in three), trained once; a folder run "
@@ -278,17 +281,23 @@ def parse_args(argv=None):
     p.add_argument("--launcher", help="how each train.py / eval.py run starts, e.g. 'torchrun --nproc-per-node 2' "
                                       "for data-parallel runs (default: this Python)")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
     args.out = args.out or os.path.join("runs", args.grid)
     args.runs = args.runs or args.out
-    args.train_args, args.eval_args = shlex.split(args.train_args or ""), shlex.split(args.eval_args or "")
+    for flag in ("train_args", "eval_args"):
+        try:
+            setattr(args, flag, shlex.split(getattr(args, flag) or ""))
+        except ValueError as e:   # an unbalanced quote
+            p.error(f"--{flag.replace('_', '-')}: {e}")
+    cli.check_writable(args.out, "--out", folder=True)
+    cli.check_writable(args.runs, "--runs", folder=True)
     return args
 
 
 def device_slots(text):
     """--devices: a list of slots, each the CUDA_VISIBLE_DEVICES of one condition ("0", "0,1") or "cpu"."""
     if text.isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError("a count of devices must be at least 1 (for GPU 0 alone: cuda:0)")
         return [str(i) for i in range(int(text))]
     slots = []
     for entry in text.split(","):
@@ -318,17 +327,43 @@ def seeds_of(name, args):
     return range(args.seeds) if CONDITIONS[name].train else range(1)
 
 
-def run_condition(name, seed, args, device=None):
-    """Train (or resume) and evaluate one condition on `device` (a slot of --devices); returns its eval metrics."""
+def commands(name, seed, args):
+    """The train.py flags (none for the untrained model) and the eval.py flags of one condition's run."""
     cond, folder = CONDITIONS[name], run_folder(args, name, seed)
-    final, results = os.path.join(folder, "final.safetensors"), os.path.join(folder, "eval", "metrics.json")
+    final = os.path.join(folder, "final.safetensors")
     training = ["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed), "--out", folder,
                 "--ckpt", final, *args.train_args] if cond.train else []
     system = [final] if cond.train else ["--model", args.model]
     system += ["--group-by", "kind"] if args.dataset == "tiny" else []   # the world's questions know their kind
     # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
-    evaluation = [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out", os.path.dirname(results),
-                  *cond.eval, *args.eval_args]
+    evaluation = [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out",
+                  os.path.join(folder, "eval"), *cond.eval, *args.eval_args]
+    return training, evaluation
+
+
+def check_commands(args, jobs):
+    """Parse every run's train.py and eval.py flags before the first run starts: a flag that one of them would
+    refuse (from --train-args, --eval-args or --n) stops the grid now, not after hours of training."""
+    device = [] if args.devices[0] is None else ["--device", "cpu" if args.devices[0] == "cpu" else "cuda"]
+    for name, seed in jobs:
+        for script, parse, argv in zip(("train.py", "eval.py"), (train.parse_args, evaluate.parse_args),
+                                       commands(name, seed, args)):
+            if script == "train.py" and not argv:
+                continue
+            refused = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(refused):
+                    parse(argv + device)
+            except SystemExit:
+                message = refused.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+                raise UserError(f"{script} would refuse the flags of {name} (seed {seed}): {message}") from None
+
+
+def run_condition(name, seed, args, device=None):
+    """Train (or resume) and evaluate one condition on `device` (a slot of --devices); returns its eval metrics."""
+    cond, folder = CONDITIONS[name], run_folder(args, name, seed)
+    final, results = os.path.join(folder, "final.safetensors"), os.path.join(folder, "eval", "metrics.json")
+    training, evaluation = commands(name, seed, args)
     claim_folder(folder, {"train.py": training, "eval.py": evaluation})
     if cond.train and not os.path.exists(final):
         resuming = os.path.exists(os.path.join(folder, "config.json"))
@@ -381,6 +416,7 @@ def launch(script, argv, args, device, folder):
 def run_grid(args):
     tables = GRIDS[args.grid]
     jobs = [(name, seed) for name in grid_conditions(tables) for seed in seeds_of(name, args)]
+    check_commands(args, jobs)
     os.makedirs(args.out, exist_ok=True)
     t0, free = time.time(), queue.Queue()
     for device in args.devices:
@@ -512,11 +548,11 @@ def write_report(args, tables, results):
 def main(argv=None):
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    run_grid(args)
+    try:
+        run_grid(args)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("the same command continues: finished runs are skipped, training resumes") from None
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)

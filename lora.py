@@ -87,11 +87,16 @@ def adapter_state(model):
 def write_atomic(path, data):
     """Write to a temporary file, flush it to disk, then rename it over `path` and flush the directory entry:
     a crash or a power loss leaves the old file or the new one, never half of one or an empty one."""
-    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:   # a full disk, Ctrl-C: no half-written temporary file is left behind
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -118,6 +123,9 @@ def read_adapter(path):
         raise UserError(f"cannot read checkpoint {path}: not a valid .safetensors adapter ({e})") from None
     if "base_model" not in meta or "rank" not in meta:
         raise UserError(f"{path} is a safetensors file but not an adapter of this project (no base_model metadata)")
+    broken = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if broken:
+        raise UserError(f"{path} holds non-finite weights (NaN or inf, in {broken[0]}): it is not a usable adapter")
     return tensors, meta
 
 

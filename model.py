@@ -59,14 +59,26 @@ class Qwen3Config:
         d = dict(d)
         # transformers >= 5 writes rope_theta inside rope_parameters; the hub's Qwen3 configs have it at the top.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"config.json: rope_parameters must be an object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UserError(f"RoPE type {rope.get('rope_type')!r} is not supported (plain RoPE only)")
         if "rope_theta" in rope:
             d.setdefault("rope_theta", rope["rope_theta"])
         if d.get("attention_bias"):
             raise UserError("config.json asks for attention biases; Qwen3 has none")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for f in fields(cls):
+            if f.name in values and not _fits(values[f.name], f.type):
+                raise UserError(f"config.json: {f.name} must be {f.type.__name__}, got {values[f.name]!r}")
+        return cls(**values)
+
+
+def _fits(value, kind):
+    """A config value of the field's type: an int for an int (True is no size), a float or an int for a float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,7 +274,7 @@ class Qwen3(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Loading: a local directory or a hub id; safetensors only, sharded or not.
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")   # owner/name; "./x" is a path
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")   # world.py's embedded model and data
 
 
@@ -273,6 +285,9 @@ def resolve(name_or_path, allow_patterns=None):
         return os.path.join(TINY, "model")
     if os.path.isdir(name_or_path):
         return name_or_path
+    if os.path.exists(name_or_path):
+        raise UserError(f"model {name_or_path!r} is a file; pass the model's directory (config.json, safetensors, "
+                        "tokenizer files)")
     if not HUB_ID.match(name_or_path):
         raise UserError(f"model not found: {name_or_path!r} is neither a local directory nor a hub id "
                         "like 'Qwen/Qwen3-0.6B'")
@@ -313,20 +328,27 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise UserError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    with open(config_file) as f:
-        cfg = Qwen3Config.from_dict(json.load(f))
+    cfg = Qwen3Config.from_dict(read_json(config_file))
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index} has no weight_map of tensor names to shard files")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise UserError(f"{path} has no model.safetensors (or index); only safetensors weights are supported")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UserError(f"{file} is missing (model.safetensors.index.json names it); download it again")
+        try:
+            state.update(load_file(file))
+        except Exception as e:   # safetensors' own error: a truncated or corrupt file
+            raise UserError(f"cannot read {file}: {e}; download it again") from None
     try:
         model = from_state_dict(cfg, state)
     except RuntimeError as e:
@@ -346,15 +368,25 @@ class ChatTokenizer:
         path = resolve(name_or_path, allow_patterns=["*.json", "tokenizer*"])
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
             raise UserError(f"{path} has no tokenizer.json")
-        self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        try:
+            self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        except Exception as e:   # the tokenizers library's own error
+            raise UserError(f"{os.path.join(path, 'tokenizer.json')} is not a tokenizer the tokenizers library can "
+                            f"read ({e})") from None
         config = read_json(os.path.join(path, "tokenizer_config.json"))
+        self.template_file = os.path.join(path, "tokenizer_config.json")
         template = config.get("chat_template")
         if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
-            with open(os.path.join(path, "chat_template.jinja")) as f:
+            self.template_file = os.path.join(path, "chat_template.jinja")
+            with open(self.template_file, encoding="utf-8") as f:
                 template = f.read()
-        if template is None:
+        if not isinstance(template, str):
             raise UserError(f"{path} defines no chat template (tokenizer_config.json or chat_template.jinja)")
-        self.template = compile_template(template)
+        try:
+            self.template = compile_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise UserError(f"the chat template in {self.template_file} does not compile: {e.message} (its line "
+                            f"{e.lineno})") from None
         self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
         # Stop tokens: every end-of-sequence id the model's files name (Qwen3: <|im_end|> and <|endoftext|>).
@@ -381,8 +413,11 @@ class ChatTokenizer:
         enable_thinking=False matters for hybrid models (Qwen3-0.6B...): their template then appends an empty
         <think></think> block; templates without the switch (Qwen3-4B-Instruct-2507) ignore it.
         """
-        text = self.template.render(messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking,
-                                    **self.special)
+        try:
+            text = self.template.render(messages=messages, add_generation_prompt=True,
+                                        enable_thinking=enable_thinking, **self.special)
+        except jinja2.TemplateError as e:
+            raise UserError(f"the chat template in {self.template_file} fails: {e}") from None
         return self.encode(text)
 
 
@@ -396,10 +431,17 @@ def compile_template(text):
 
 
 def read_json(path):
+    """A model file's JSON object ({} when the file is absent); one line naming the file when it is not one."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, RecursionError) as e:   # not JSON, or not UTF-8
+        raise UserError(f"{path} is not valid JSON ({e}); download it again or repair it") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} should hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def _token_text(tok):

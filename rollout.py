@@ -48,6 +48,8 @@ def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     # torch.multinomial, but ~8x cheaper over 151,936 words on a CPU, where multinomial dominated a decode step.
     cdf = logits.softmax(-1).cumsum_(-1)                                       # (B, V), in place: V is large
     total = cdf[:, -1:]
+    if not torch.isfinite(total).all():   # a diverged policy: refuse to draw from it rather than draw garbage
+        raise FloatingPointError("the policy's logits are not finite (its weights have diverged)")
     u = u[:, None] * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))     # rounding must not reach total
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)                 # zero-probability words never hit
@@ -71,13 +73,19 @@ def left_pad(prompts, pad_id, device="cpu"):
     return ids.to(device), valid.to(device)
 
 
-def check_length(model, prompts, max_new_tokens):
+def check_length(model, prompts, max_new_tokens, questions=None):
     """A one-line error before any work when the longest prompt plus max_new_tokens exceeds the positions the
-    model is made for (config.json's max_position_embeddings)."""
-    longest, limit = max(map(len, prompts)), model.cfg.max_position_embeddings
-    if longest + max_new_tokens > limit:
-        raise UserError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt has {longest} tokens "
-                        f"and the model holds {limit} positions; use --max-new-tokens {limit - longest} at most")
+    model is made for (config.json's max_position_embeddings). questions: their texts, to name the longest."""
+    i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+    longest, limit = len(prompts[i]), model.cfg.max_position_embeddings
+    if longest + max_new_tokens <= limit:
+        return
+    if longest >= limit:   # no answer of any length fits
+        what = f"the question {questions[i][:40]!r}..." if questions else "a prompt"
+        raise UserError(f"{what} is too long for the model: its prompt has {longest} tokens and the model holds "
+                        f"{limit} positions; shorten it or remove it from the question file")
+    raise UserError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt has {longest} tokens "
+                    f"and the model holds {limit} positions; use --max-new-tokens {limit - longest} at most")
 
 
 def seed_of(*keys):

@@ -31,6 +31,7 @@ Flags that depart from the paper's estimator (its choice is each one's default):
 import argparse
 import contextlib
 import datetime
+import errno
 import io
 import json
 import math
@@ -44,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import calib
+import cli
 import lora
 import reward
 from model import ChatTokenizer, KVCache, UserError, load_model, model_id
@@ -53,23 +55,9 @@ LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the lear
 LR, TINY_LR = 1e-4, 3e-4
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the examples' layout and shows every default that is set."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def unit_interval(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def mix_schedule(text):
     try:
-        start, end = (unit_interval(x) for x in text.split(":"))
+        start, end = (cli.unit_interval(x) for x in text.split(":"))
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"must be START:END with both in [0, 1] (e.g. 1:0), got {text}") from None
     return start, end
@@ -83,23 +71,34 @@ def mix_at(args, step, total_steps):
     return start + (end - start) * step / max(1, total_steps - 1)
 
 
-def parse_args(argv=None):
+def projections(text):
+    """--targets: comma-separated names of the projections given a LoRA, each one the model has."""
+    names = list(dict.fromkeys(t.strip() for t in text.split(",")))
+    unknown = [t for t in names if t not in lora.TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown projection {', '.join(map(repr, unknown)) or repr(text)}: "
+                                         f"choose from {','.join(lora.TARGETS)}")
+    return ",".join(names)
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[-3:]),
-                                formatter_class=HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507",
                    help="hub id, local model directory, or 'tiny' (world.py's)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"],
                    default="bfloat16" if torch.cuda.is_available() else "float32", help="weights' dtype")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:K")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="triviaqa",
                    help="""'triviaqa' (its train split), 'tiny' (world.py's) or a JSONL of """
                         """{"question": ..., "answers": [...]}""")
-    g.add_argument("--data", type=int, default=1600, help="size of the training pool, a seeded subset")
-    g.add_argument("--epochs", type=int, default=2, help="passes over the pool")
+    g.add_argument("--data", type=cli.count, default=1600, help="size of the training pool, a seeded subset")
+    g.add_argument("--epochs", type=cli.count, default=2, help="passes over the pool")
     g = p.add_argument_group("method")
-    g.add_argument("--mix", type=unit_interval, default=0.5,
+    g.add_argument("--mix", type=cli.unit_interval, default=0.5,
                    help="share of labeled questions (Brier reward); the rest get the stability reward")
     g.add_argument("--mix-schedule", type=mix_schedule, metavar="START:END",
                    help="a curriculum instead of a constant --mix: the share of labeled questions moves linearly "
@@ -113,78 +112,109 @@ def parse_args(argv=None):
                         "REINFORCE) or only its confidence statement, from the 'Confidence:' label that is read on "
                         "(the stability reward depends on nothing else); labeled questions, and rollouts without a "
                         "parsable answer and confidence, always credit all tokens")
-    g.add_argument("--correct-weight", type=float, default=0.0,
+    g.add_argument("--correct-weight", type=cli.non_negative, default=0.0,
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
-    g.add_argument("--rollouts", type=int, default=8, help="answers sampled per question (N)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each answer")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--rollouts", type=cli.count, default=8, help="answers sampled per question (N, at least 2)")
+    g.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
+    g.add_argument("--temperature", type=cli.positive, default=1.0,
                    help="sampling temperature of the rollouts (the learner's log-probs use it too)")
-    g.add_argument("--is-cap", type=float, default=2.0,
+    g.add_argument("--is-cap", type=cli.non_negative, default=2.0,
                    help="C of the truncated importance weight min(p_learn / p_sample, C) on each token's "
                         "advantage, which corrects what sampler-learner mismatch remains (0: none)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch", type=int, default=8, help="questions per step")
-    g.add_argument("--micro-batch-tokens", type=int, default=2048,
+    g.add_argument("--batch", type=cli.count, default=8, help="questions per step")
+    g.add_argument("--micro-batch-tokens", type=cli.count, default=2048,
                    help="token positions per forward/backward in the learning step, counted as questions x "
                         "(prompt + rollouts x longest answer): bounds its memory (one question at least)")
-    g.add_argument("--lr", type=float, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
+    g.add_argument("--lr", type=cli.positive, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
                    f"models; {TINY_LR} for --model tiny, whose few weights need larger steps)")
-    g.add_argument("--rank", type=int, default=1, help="LoRA rank")
-    g.add_argument("--alpha", type=float, default=2.0, help="LoRA alpha (the update is scaled by alpha / rank)")
-    g.add_argument("--targets", default=",".join(lora.TARGETS), help="comma-separated projections given a LoRA")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    g.add_argument("--rank", type=cli.count, default=1, help="LoRA rank")
+    g.add_argument("--alpha", type=cli.positive, default=2.0,
+                   help="LoRA alpha (the update is scaled by alpha / rank)")
+    g.add_argument("--targets", type=projections, default=",".join(lora.TARGETS),
+                   help="comma-separated projections given a LoRA")
+    g.add_argument("--clip", type=cli.positive, default=1.0, help="gradient norm clip")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds the pool, the labeled draw, the order and the samples")
+    g.add_argument("--seed", type=cli.natural, default=0,
+                   help="seeds the pool, the labeled draw, the order and the samples")
     g.add_argument("--out", default="runs/train", help="run folder: config.json, metrics.jsonl, checkpoints")
     g.add_argument("--ckpt", default="ckpt.safetensors", help="where the final adapter is written")
-    g.add_argument("--save-every", type=int, default=25, help="checkpoint every K steps (and at each epoch end)")
+    g.add_argument("--save-every", type=cli.count, default=25, help="checkpoint every K steps (and at each epoch end)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--max-steps", type=int, help="stop after this many steps in all (resume later to go on)")
+    g.add_argument("--max-steps", type=cli.count, help="stop after this many steps in all (resume later to go on)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, every one checked: nothing is loaded or written before this returns."""
+    p = parser()
     args = p.parse_args(argv)
-    for name in ("data", "epochs", "rollouts", "batch", "micro_batch_tokens", "rank", "max_new_tokens", "save_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rollouts < 2:
         p.error("--rollouts must be at least 2: stability compares answers")
-    if args.temperature <= 0 or args.is_cap < 0:
-        p.error("--temperature must be above 0 (rollouts are sampled) and --is-cap at least 0")
     if args.stability_target == "platt" and max(args.mix_schedule or (args.mix,)) == 0:
         p.error("--stability-target platt fits P(correct | s) to labeled questions: it needs --mix above 0")
     if args.lr is None:
         args.lr = TINY_LR if args.model == "tiny" else LR
+    cli.check_writable(args.out, "--out", folder=True)
+    cli.check_writable(args.ckpt, "--ckpt")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The run folder: configuration, checkpoints, metrics. Nothing finished is ever lost.
+# The run folder: configuration, checkpoints, metrics. Nothing finished is ever lost, and a start that fails
+# leaves nothing behind: the folder is made only once the flags, the data and the model have all been checked.
 
-RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens"}
+# A run folder is the run, wherever it is moved and however its path is spelled: --out may change on resume.
+RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens", "out"}
 
 
-def open_run(args, write=True):
-    """Create or reopen --out (and write its config.json, unless write is False: under torchrun only rank 0
-    writes). Returns (config, state or None): state is the last checkpoint, when resuming."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file, not a run folder; choose another --out")
-    config = json.loads(json.dumps(vars(args)))   # as config.json holds it (tuples become lists)
-    config["model"] = model_id(args.model)
+def run_config(args):
+    """config.json's contents: every flag (tuples become lists), the model and a question file by their
+    absolute paths, so that a respelled path is the same run."""
+    config = json.loads(json.dumps(vars(args)))
+    config["model"], config["dataset"] = model_id(args.model), dataset_id(args.dataset)
+    return config
+
+
+def dataset_id(dataset):
+    return dataset if dataset in ("triviaqa", "tiny") else os.path.abspath(dataset)
+
+
+def check_run(args, config, rank=0):
+    """Before anything is loaded: is --out free for a new run, or the same run to resume? Reads, never writes.
+    Returns the resume state (step, adapter, optimizer), or None to start at step 0."""
     config_file, state_file = os.path.join(args.out, "config.json"), os.path.join(args.out, "state.pt")
-    if os.path.exists(config_file):
+    say = print if rank == 0 else (lambda *_: None)
+    if not os.path.exists(config_file):
+        if args.resume:
+            say(f"--resume: {args.out} holds no run yet; starting a new one", flush=True)
+        return None
+    if not args.resume:
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:
         with open(config_file) as f:
             old = json.load(f)
-        if not args.resume:
-            raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
-        defaults = vars(parse_args([]))   # a flag added since the run began had its default then
-        differ = sorted(k for k in config if k not in RUN_KEYS_THAT_MAY_CHANGE
-                        and old.get(k, defaults.get(k)) != config[k])
-        if differ:
-            raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
-                            "resume with the same flags, or choose another --out")
-    barrier()   # under torchrun: every process has checked the folder before rank 0 writes to it
-    if write:
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_file} cannot be read ({e}); restore it, or start over in another --out") from None
+    old["dataset"] = dataset_id(old.get("dataset", config["dataset"]))   # runs begun with a relative path
+    defaults = vars(parser().parse_args([]))   # a flag added since the run began had its default then
+    differ = sorted(k for k in config if k not in RUN_KEYS_THAT_MAY_CHANGE
+                    and old.get(k, defaults.get(k)) != config[k])
+    if differ:
+        raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
+                        "resume with the same flags, or choose another --out")
+    if not os.path.exists(state_file):
+        say(f"--resume: {args.out} has no checkpoint (state.pt) yet; starting from step 0", flush=True)
+        return None
+    return read_state(state_file)
+
+
+def write_config(args, config, rank=0):
+    """Make the run folder and write config.json (rank 0 alone, once every process has checked the folder)."""
+    barrier()
+    if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        lora.write_atomic(config_file, json.dumps(config, indent=2))
-    return config, (read_state(state_file) if args.resume and os.path.exists(state_file) else None)
+        lora.write_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2))
 
 
 def read_state(path):
@@ -206,12 +236,49 @@ def save_checkpoint(args, model, optimizer, step, config, calibration):
     lora.write_atomic(os.path.join(args.out, "state.pt"), buffer.getvalue())
 
 
+def resume_hint(args, step):
+    """What an interrupted run says: where it can go on from."""
+    if step == 0:
+        return f"nothing was checkpointed yet; the same command with --resume starts again (run folder: {args.out})"
+    return f"the last checkpoint is step {step} in {args.out}; the same command with --resume continues from it"
+
+
+def append_line(path, line):
+    """Append one log line, all of it or none: a write that fails (a full disk) is cut back off, so the log
+    never ends in half a line. A kill in the middle of the write can still tear it; resuming drops that."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, f"only part of a line could be written to {path}")
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 def keep_metrics_until(path, step):
-    """On resume, drop log lines of steps after the checkpoint: they are about to be redone."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-        lora.write_atomic(path, "".join(lines))
+    """On resume, drop log lines of steps after the checkpoint: they are about to be redone. A torn last line
+    (a crash in the middle of an append) goes too; anything else that is not JSON is an error."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}, line {number} is not a JSON log line; remove that line and resume again") \
+                from None
+        if record.get("step", step) < step:
+            kept.append(line)
+    lora.write_atomic(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,7 +422,9 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
         mismatch += diff.abs().sum().item()
         tokens += int(mask.sum())
     all_reduce_gradients(model)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
+    if not (math.isfinite(total) and torch.isfinite(grad_norm)):   # checked before the step: weights unchanged
+        raise FloatingPointError(f"the loss ({total:.4g}) or the gradient norm ({grad_norm:.4g}) is not finite")
     optimizer.step()
     return total, mismatch, tokens
 
@@ -492,6 +561,8 @@ def build(args):
 
 
 def train(args, rank=0, world=1):
+    config = run_config(args)
+    state = check_run(args, config, rank)
     pool = calib.load_questions(args.dataset, "train")
     if args.data > len(pool):
         raise UserError(f"--data {args.data} is larger than the pool: {args.dataset} has {len(pool)} training "
@@ -501,50 +572,65 @@ def train(args, rank=0, world=1):
     total_steps = steps_per_epoch * args.epochs
     check_shares(args, len(pool), world)
 
-    config, state = open_run(args, write=rank == 0)
     model, tok, optimizer = build(args)
-    check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens)
+    check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens,
+                 [q["question"] for q in pool])
     start, calibration = 0, reward.StabilityCalibration()
     if state is not None:
         if not lora.set_adapter_state(model, state["adapter"]):
             raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
         optimizer.load_state_dict(state["optimizer"])
         start, calibration = state["step"], reward.StabilityCalibration(state.get("calibration", ()))
+    write_config(args, config, rank)   # everything is checked: from here on the run folder exists
     targets = {"raw": None, "platt": lambda s, answers: [calibration(s)] * len(answers),
                "cluster": lambda s, answers: calib.cluster_shares(answers)}
     log_file = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         keep_metrics_until(log_file, start)
-    end = min(total_steps, args.max_steps or total_steps)
+        if os.path.exists(args.ckpt) and start < total_steps:
+            print(f"note: --ckpt {args.ckpt} exists; this run replaces it when it finishes", flush=True)
+    end = max(start, min(total_steps, args.max_steps or total_steps))
 
     bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step", disable=rank > 0)
-    for step in bar:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([args.seed, 2, epoch]).permutation(len(pool))
-        batch = order[k * args.batch:(k + 1) * args.batch]
-        mine = batch[rank::world]   # this process's share of the step's questions
-        mix = mix_at(args, step, total_steps)
-        labeled = reward.labeled_draw(len(pool), mix, args.seed)
-        share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
-                           args, step, len(batch), targets[args.stability_target])
-        shares = gather(share)
-        if args.stability_target == "platt":   # every process's labeled rollouts, for the next steps' target
-            for each in shares:
-                for (_, part), is_labeled in zip(each["groups"], each["labeled"]):
-                    if is_labeled:
-                        calibration.add(part["stability"], part["correct"])
-            calibration.fit()
-        record = {"step": step, "epoch": epoch, "mix": mix, **step_record(shares)}
-        done = step + 1
-        if rank == 0:
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
-                            gap=f"{record['calibration_gap']:+.2f}" if record["calibration_gap"] is not None else "-")
-            if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
-                save_checkpoint(args, model, optimizer, done, config, calibration)
+    saved = start   # the step of the last checkpoint
+    try:
+        for step in bar:
+            epoch, k = divmod(step, steps_per_epoch)
+            order = np.random.default_rng([args.seed, 2, epoch]).permutation(len(pool))
+            batch = order[k * args.batch:(k + 1) * args.batch]
+            mine = batch[rank::world]   # this process's share of the step's questions
+            mix = mix_at(args, step, total_steps)
+            labeled = reward.labeled_draw(len(pool), mix, args.seed)
+            try:
+                share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine,
+                                   [bool(labeled[i]) for i in mine], args, step, len(batch),
+                                   targets[args.stability_target])
+            except FloatingPointError as e:   # nothing of this step is written: the checkpoints stay finite
+                raise UserError(f"step {step}: {e}; nothing of it was written ({args.out} holds the run up to "
+                                f"step {saved}). A learning rate too high is the usual cause: try a lower --lr in "
+                                "a new --out") from None
+            shares = gather(share)
+            if args.stability_target == "platt":   # every process's labeled rollouts, for the next steps' target
+                for each in shares:
+                    for (_, part), is_labeled in zip(each["groups"], each["labeled"]):
+                        if is_labeled:
+                            calibration.add(part["stability"], part["correct"])
+                calibration.fit()
+            record = {"step": step, "epoch": epoch, "mix": mix, **step_record(shares)}
+            done = step + 1
+            if rank == 0:
+                append_line(log_file, json.dumps(record) + "\n")
+                bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
+                                gap=f"{record['calibration_gap']:+.2f}" if record["calibration_gap"] is not None
+                                else "-")
+                if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
+                    save_checkpoint(args, model, optimizer, done, config, calibration)
+                    saved = done
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(args, saved)) from None
     bar.close()
     if rank == 0 and end == total_steps:
+        os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
         lora.save_adapter(model, args.ckpt, end, config)
         print(f"adapter written to {args.ckpt} (run folder: {args.out})")
     elif rank == 0:
@@ -573,7 +659,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)

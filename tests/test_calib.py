@@ -1,6 +1,7 @@
 """calib.py: every definition against hand-computed values, the parser on real-looking outputs, metrics
 against independent computations, and the question loaders."""
 
+import json
 import math
 
 import numpy as np
@@ -165,8 +166,26 @@ def test_malformed_jsonl_names_its_line(tmp_path):
     f.write_text('{"question": "a?", "answers": ["b"]}\nnot json\n')
     with pytest.raises(UserError, match=r"line 2"):
         calib.load_questions(str(f), "train")
-    with pytest.raises(UserError, match="neither 'triviaqa' nor a JSONL"):
+    with pytest.raises(UserError, match="neither 'triviaqa', 'tiny' nor a JSONL"):
         calib.load_questions(str(tmp_path / "missing.jsonl"), "train")
+
+
+def test_jsonl_in_utf8_with_a_byte_order_mark_or_utf16_reads_and_other_encodings_are_named(tmp_path):
+    lines = [{"question": "Who is Ané?", "answers": ["Zoë", "Zoe"]}, {"question": "Où?", "answers": ["Paris"]}]
+    text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in lines)
+    for name, data in (("utf8", text.encode()), ("bom", "\ufeff".encode() + text.encode()),
+                       ("utf16", text.encode("utf-16")), ("utf16be", b"\xfe\xff" + text.encode("utf-16-be"))):
+        (tmp_path / name).write_bytes(data)
+        assert calib.load_questions(str(tmp_path / name), "train") == lines, name
+    (tmp_path / "latin1").write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1 is not UTF-8 text \(byte 23 is b'\\xe9'\); save it as UTF-8"):
+        calib.load_questions(str(tmp_path / "latin1"), "train")
+    (tmp_path / "deep").write_text("[" * 100_000 + "\n")
+    with pytest.raises(UserError, match="deep, line 1: not JSON"):
+        calib.load_questions(str(tmp_path / "deep"), "train")
+    (tmp_path / "blank").write_text('{"question": "  ", "answers": ["x"]}\n')
+    with pytest.raises(UserError, match="blank, line 1: expected a JSON object"):
+        calib.load_questions(str(tmp_path / "blank"), "train")
 
 
 def write_triviaqa_parquet(path):

@@ -101,13 +101,55 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatt
         evaluate.main([str(tmp_path / "corrupt.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--n", "0"])
-    assert "--n must be at least 1" in capsys.readouterr().err
+    assert "--n/--questions: must be at least 1, got 0" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="is a file; it must be a folder"):
         evaluate.parse_args(["--out", str(tmp_path / "file")])
-    assert "is a file; it must be a folder" in capsys.readouterr().err
     with pytest.raises(UserError, match="--max-new-tokens 600 does not fit"):
         evaluate.main(["--model", tiny_tied, "--dataset", questions, "--max-new-tokens", "600", "--out", str(tmp_path)])
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match="no evaluation questions"):
         evaluate.main(["--model", tiny_tied, "--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path)])
+
+
+def test_nonsense_flags_and_broken_adapters_are_refused_in_one_line(tmp_path, tiny_tied, formatted, capsys):
+    for flags, message in ((["--bootstrap", "-5"], "--bootstrap: must be 0 or more, got -5"),
+                           (["--seed", "-1"], "--seed: must be 0 or more, got -1"),
+                           (["--rollouts", "1"], "--rollouts must be 0 (none) or at least 2"),
+                           (["--device", "tpu"], "'tpu' is not a device")):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(flags + ["--out", str(tmp_path / "e")])
+        assert message in capsys.readouterr().err
+    with pytest.raises(UserError, match="--json .* is a folder; it must name a file"):
+        evaluate.parse_args(["--json", str(tmp_path), "--out", str(tmp_path / "e")])
+    # an adapter whose weights are not finite (a diverged run) is refused, not scored
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    good = adapter(tiny_tied, tmp_path / "good.safetensors")
+    with safe_open(good, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = sorted(tensors)[3]
+    tensors[key][0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(UserError, match=f"nan.safetensors holds non-finite weights \\(NaN or inf, in {key}\\)"):
+        evaluate.main([str(tmp_path / "nan.safetensors"), "--dataset", formatted[1], "--out", str(tmp_path / "e")])
+    # an adapter whose base model folder is gone says so, not something about TriviaQA
+    shutil.copytree(tiny_tied, tmp_path / "base")
+    moved = adapter(str(tmp_path / "base"), tmp_path / "moved.safetensors")
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(UserError, match=r"trained on the model in .*base, which is no longer there; put the model "
+                                        "back in that folder"):
+        evaluate.main([moved, "--out", str(tmp_path / "e")])
+
+
+def test_a_log_torn_by_a_crash_still_plots(tmp_path):
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text(json.dumps({"step": 0, "reward": 0.5, "calibration_gap": 0.3, "accuracy": 0.4}) + "\n"
+                   + '{"step": 1, "rew')
+    assert len(evaluate.read_records(str(log))) == 1
+    evaluate.main(["--plot-log", str(log), "--out", str(tmp_path)])
+    log.write_text('{"step": 1, "rew\n' + json.dumps({"step": 0}) + "\n")
+    with pytest.raises(UserError, match="metrics.jsonl, line 1 is not JSON"):
+        evaluate.read_records(str(log))

@@ -111,7 +111,7 @@ def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, 
     assert "95% bootstrap intervals" in report and " [" in report.split("| run T |")[1].split("\n")[0]
     with pytest.raises(SystemExit):
         experiments.parse_args(["paper", "--seeds", "0"])
-    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert "--seeds: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_devices_run_conditions_at_once_each_in_its_folder_and_the_launcher_starts_them(tmp_path, formatted, grid,
@@ -139,3 +139,25 @@ def test_devices_run_conditions_at_once_each_in_its_folder_and_the_launcher_star
         experiments.parse_args(["paper", "--devices", "gpu0"])
     assert experiments.device_slots("cuda:0,cuda:1") == ["0", "1"] and experiments.device_slots("3") == ["0", "1", "2"]
     assert experiments.device_slots("0+1,2+3") == ["0,1", "2,3"]
+
+
+def test_bad_flags_of_any_run_are_refused_before_the_first_trains(tmp_path, formatted, grid, capsys, monkeypatch):
+    model, questions = formatted
+    launched = []
+    monkeypatch.setattr(experiments, "launch", lambda *a: launched.append(a))
+    for extra, message in ((["--n", "0"], "--n: must be at least 1, got 0"),
+                           (["--devices", "0"], "a count of devices must be at least 1 (for GPU 0 alone: cuda:0)"),
+                           (["--train-args=--lr '2e-4"], "--train-args: No closing quotation")):
+        with pytest.raises(SystemExit):
+            experiments.main(argv(tmp_path, model, questions, *extra))
+        assert message in capsys.readouterr().err
+    with pytest.raises(experiments.UserError, match=r"train.py would refuse the flags of T \(seed 0\): argument "
+                                                    "--lr: must be a finite number, got nan"):
+        experiments.main(argv(tmp_path, model, questions, "--train-args=--lr nan"))
+    with pytest.raises(experiments.UserError, match=r"eval.py would refuse the flags of untrained \(seed 0\): "
+                                                    "argument --bootstrap: must be 0 or more"):
+        experiments.main(argv(tmp_path, model, questions, "--eval-args=--bootstrap -5"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(experiments.UserError, match="--out .*a-file is a file; it must be a folder"):
+        experiments.main(argv(tmp_path, model, questions, "--out", str(tmp_path / "a-file")))
+    assert not launched and sorted(os.listdir(tmp_path)) == ["a-file"]

@@ -129,3 +129,58 @@ def test_weights_of_another_shape_are_rejected(tmp_path, tiny_tied):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="do not fit"):
         load_model(str(tmp_path / "m"))
+
+
+def broken_copy(tmp_path, model_dir, name, change):
+    """A copy of a model folder with one file changed by change(folder)."""
+    folder = tmp_path / name
+    shutil.copytree(model_dir, folder)
+    change(folder)
+    return str(folder)
+
+
+def test_every_model_file_that_is_broken_is_named_in_one_line(tmp_path, tiny_tied):
+    from model import read_json
+
+    def edit_json(file, **values):
+        def change(folder):
+            (folder / file).write_text(json.dumps({**read_json(str(folder / file)), **values}))
+        return change
+
+    def truncate(folder):
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+    def missing_shard(folder):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-2.safetensors"}}))
+    cases = [
+        ("truncated", truncate, load_model, r"cannot read .*truncated/model.safetensors: .*; download it again"),
+        ("config", lambda f: (f / "config.json").write_text("{oops"), load_model,
+         r"config/config.json is not valid JSON \(.*\); download it again or repair it"),
+        ("config-list", lambda f: (f / "config.json").write_text("[1]"), load_model,
+         "config-list/config.json should hold a JSON object, not a list"),
+        ("type", edit_json("config.json", hidden_size="wide"), load_model,
+         "config.json: hidden_size must be int, got 'wide'"),
+        ("bool", edit_json("config.json", num_hidden_layers=True), load_model,
+         "config.json: num_hidden_layers must be int, got True"),
+        ("shard", missing_shard, load_model, r"shard/model-2.safetensors is missing \(model.safetensors.index.json "
+                                             r"names it\); download it again"),
+        ("tokenizer", lambda f: (f / "tokenizer.json").write_text('{"x": 1'), ChatTokenizer,
+         "tokenizer/tokenizer.json is not a tokenizer the tokenizers library can read"),
+        ("tokconfig", lambda f: (f / "tokenizer_config.json").write_text("{oops"), ChatTokenizer,
+         "tokconfig/tokenizer_config.json is not valid JSON"),
+        ("template", edit_json("tokenizer_config.json", chat_template="{% for m in messages %}{{ m.content "),
+         ChatTokenizer, r"the chat template in .*template/tokenizer_config.json does not compile: .* \(its line 1\)"),
+    ]
+    for name, change, load, message in cases:
+        with pytest.raises(UserError, match=message):
+            load(broken_copy(tmp_path, tiny_tied, name, change))
+    failing = broken_copy(tmp_path, tiny_tied, "renders", edit_json(
+        "tokenizer_config.json", chat_template="{{ raise_exception('no system role here') }}"))
+    with pytest.raises(UserError, match="the chat template in .*renders/tokenizer_config.json fails: no system role"):
+        ChatTokenizer(failing).chat([{"role": "user", "content": "hi"}])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="is a file; pass the model's directory"):
+        load_model(str(tmp_path / "a-file"))
+    with pytest.raises(UserError, match="model not found: './nope' is neither a local directory nor a hub id"):
+        load_model("./nope")

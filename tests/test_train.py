@@ -316,7 +316,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
     (tmp_path / "r" / "config.json").write_text(json.dumps(config))
     train.main(args + ["--resume"])
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(UserError, match="a-file is a file, not a run folder"):
+    with pytest.raises(UserError, match="a-file is a file; it must be a folder"):
         train.main(args[:-4] + ["--out", str(tmp_path / "a-file"), "--ckpt", str(tmp_path / "c")])
     with pytest.raises(UserError, match=r"--max-new-tokens 600 does not fit.*use --max-new-tokens \d+ at most"):
         train.main(args[:-4] + ["--max-new-tokens", "600", "--out", str(tmp_path / "long")])   # 512 positions
@@ -353,3 +353,183 @@ def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkey
     chunked, chunked_grads = value_and_grads()
     assert torch.allclose(whole, chunked, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, chunked_grads))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input at the door, a failed start that leaves nothing, a crash that never blocks --resume.
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clip", "-1"], "--clip: must be above 0, got -1"),
+    (["--temperature", "inf"], "--temperature: must be a finite number, got inf"),
+    (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
+    (["--alpha", "0"], "--alpha: must be above 0, got 0"),
+    (["--alpha", "nan"], "--alpha: must be a finite number"),
+    (["--lr", "nan"], "--lr: must be a finite number"),
+    (["--lr", "-0.001"], "--lr: must be above 0"),
+    (["--is-cap", "nan"], "--is-cap: must be a finite number"),
+    (["--correct-weight", "nan"], "--correct-weight: must be a finite number"),
+    (["--correct-weight", "-1"], "--correct-weight: must be 0 or more"),
+    (["--mix", "nan"], "--mix: must be a finite number"),
+    (["--max-steps", "0"], "--max-steps: must be at least 1, got 0"),
+    (["--max-steps", "-3"], "--max-steps: must be at least 1, got -3"),
+    (["--data", "ten"], "--data: must be an integer, got 'ten'"),
+    (["--seed", "-1"], "--seed: must be 0 or more, got -1"),
+    (["--targets", "q_proj,qproj"], "--targets: unknown projection 'qproj': choose from q_proj,k_proj"),
+    (["--targets", "foo"], "--targets: unknown projection 'foo'"),
+    (["--device", "tpu"], "--device: 'tpu' is not a device: use cpu, cuda or cuda:K"),
+    (["--device", "meta"], "--device: 'meta': only cpu and cuda devices are supported"),
+    (["--rollouts", "1"], "--rollouts must be at least 2"),
+])
+def test_nonsense_flags_are_refused_at_the_door(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "'cuda': this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_anything_is_loaded(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="--ckpt is empty; give it a path"):
+        train.parse_args(["--ckpt", "", "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="--ckpt .* is a folder; it must name a file"):
+        train.parse_args(["--ckpt", str(tmp_path), "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="a-file is a file, so nothing can be written under it"):
+        train.parse_args(["--ckpt", str(tmp_path / "a-file" / "c.safetensors"), "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="--out .*a-file/r: .*a-file is a file"):
+        train.parse_args(["--out", str(tmp_path / "a-file" / "r"), "--ckpt", str(tmp_path / "c")])
+    # a folder this process may not write to (root ignores permission bits, so the refusal is simulated)
+    def refuse(**kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("tempfile.TemporaryFile", refuse)
+    with pytest.raises(UserError, match=r"--out .*: cannot write in .* \(Permission denied\); choose another"):
+        train.parse_args(["--ckpt", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]   # nothing was made
+
+
+def small(tmp_path, model, questions, out="r", *extra, ckpt=None):
+    return ["--model", model, "--dataset", questions, "--data", "8", "--epochs", "1", "--batch", "4",
+            "--rollouts", "2", "--max-new-tokens", "8", "--lr", "5e-3", "--save-every", "1", "--out", str(out),
+            "--ckpt", str(ckpt or tmp_path / "c.safetensors"), *extra]
+
+
+def test_a_failed_start_leaves_no_run_behind(tmp_path, formatted, monkeypatch):
+    model, questions = formatted
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="model not found: './nope'"):
+        train.main(small(tmp_path, "./nope", questions))
+    with pytest.raises(UserError, match="dataset not found"):
+        train.main(small(tmp_path, model, "nope.jsonl"))
+    with pytest.raises(UserError, match="--data 8 is larger than the pool"):
+        train.main(small(tmp_path, model, write_questions(tmp_path / "few.jsonl", n=4)))
+    assert not os.path.exists("r")
+    train.main(small(tmp_path, model, questions, ckpt="out/c.safetensors"))   # the corrected command starts
+    assert os.path.exists("r/config.json") and os.path.exists("out/c.safetensors")   # --ckpt's folder made at the end
+
+
+def test_a_respelled_or_moved_run_folder_resumes(tmp_path, formatted, monkeypatch, capsys):
+    model, questions = formatted
+    monkeypatch.chdir(tmp_path)
+    whole = small(tmp_path, model, questions, out="whole", ckpt="whole.safetensors")
+    train.main(whole)
+    train.main(small(tmp_path, model, "./" + os.path.relpath(questions), "part", "--max-steps", "1",
+                     ckpt="part.safetensors"))
+    train.main(small(tmp_path, model, questions, "./part", "--resume", ckpt="part.safetensors"))
+    os.rename("part", "moved")
+    train.main(small(tmp_path, model, questions, "moved", "--resume", ckpt="moved.safetensors"))
+    assert records(tmp_path / "moved") == records(tmp_path / "whole")
+    assert json.load(open("moved/config.json"))["out"] == "moved"
+
+
+def test_a_torn_log_line_never_blocks_resume(tmp_path, formatted, monkeypatch):
+    model, questions = formatted
+    argv = small(tmp_path, model, questions, tmp_path / "r")
+    train.main(argv + ["--max-steps", "1"])
+    log = tmp_path / "r" / "metrics.jsonl"
+    with open(log, "a") as f:   # a crash in the middle of appending step 1
+        f.write('{"step": 1, "rew')
+    train.main(argv + ["--resume"])
+    assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
+    # a failing append (a full disk) is cut back off: the log keeps whole lines only
+    before = log.read_bytes()
+    real = os.write
+
+    def half(fd, data):
+        real(fd, data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "write", half)
+    with pytest.raises(OSError, match="No space left"):
+        train.append_line(str(log), json.dumps({"step": 2}) + "\n")
+    assert log.read_bytes() == before
+
+
+def test_a_step_that_is_not_finite_stops_the_run_before_writing_it(tmp_path, formatted, monkeypatch):
+    model, questions = formatted
+    argv = small(tmp_path, model, questions, tmp_path / "r")
+    real = train.reward.group_rewards
+    calls = []
+
+    def poisoned(*a, **kw):   # the second step's rewards are NaN
+        rewards, parts = real(*a, **kw)
+        calls.append(1)
+        return ([float("nan")] * len(rewards) if len(calls) > 4 else rewards), parts
+    monkeypatch.setattr(train.reward, "group_rewards", poisoned)
+    with pytest.raises(UserError, match=r"step 1: the loss \(nan\) or the gradient norm .* is not finite; nothing "
+                                        r"of it was written .* holds the run up to step 1"):
+        train.main(argv)
+    assert [r["step"] for r in records(tmp_path / "r")] == [0]
+    assert torch.load(tmp_path / "r" / "state.pt")["step"] == 1 and not (tmp_path / "c.safetensors").exists()
+    # weights that diverge (a huge learning rate) are stopped at the next step's sampling
+    monkeypatch.setattr(train.reward, "group_rewards", real)
+    with pytest.raises(UserError, match=r"step 1: the policy's logits are not finite"):
+        train.main(small(tmp_path, "tiny", "tiny", tmp_path / "huge", "--lr", "1e30", "--max-new-tokens", "16"))
+
+
+def test_ctrl_c_says_where_the_run_can_resume_from(tmp_path, formatted, monkeypatch, capsys):
+    import cli
+    model, questions = formatted
+    real, steps = train.train_step, []
+
+    def interrupted(*a, **kw):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: train.main(small(tmp_path, model, questions, tmp_path / "r")))
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"interrupted: the last checkpoint is step 1 in {tmp_path / 'r'}; the same command with --resume continues "
+        "from it")
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
+    assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
+
+
+def test_resume_without_a_run_and_a_replaced_ckpt_are_said(tmp_path, formatted, capsys):
+    model, questions = formatted
+    (tmp_path / "c.safetensors").write_text("an older adapter")
+    train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
+    out = capsys.readouterr().out
+    assert f"--resume: {tmp_path / 'r'} holds no run yet; starting a new one" in out
+    assert "--ckpt " + str(tmp_path / "c.safetensors") + " exists; this run replaces it" in out
+    os.remove(tmp_path / "r" / "state.pt")
+    train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
+    assert "has no checkpoint (state.pt) yet; starting from step 0" in capsys.readouterr().out
+
+
+def test_a_question_too_long_for_the_model_is_named(tmp_path, tiny_tied):
+    questions = tmp_path / "long.jsonl"
+    questions.write_text(json.dumps({"question": "why " * 400, "answers": ["x"]}) + "\n")
+    with pytest.raises(UserError, match=r"the question 'why why .*'\.\.\. is too long for the model: its prompt has "
+                                        r"\d+ tokens and the model holds 512 positions; shorten it or remove it"):
+        train.main(["--model", tiny_tied, "--dataset", str(questions), "--data", "1", "--out",
+                    str(tmp_path / "r"), "--ckpt", str(tmp_path / "c")])
