@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 import calib
+import data
 import lora
 import reward
 import train
@@ -269,7 +270,7 @@ def train_flags(model, device):
 
 def step_batches(args):
     """(questions, labeled) of each step, in order: the first questions of the pool, 8 a step."""
-    pool = calib.load_questions(args.dataset, "train")[:(WARMUP + TIMED) * args.batch]
+    pool = data.load_questions(args.dataset, "train")[:(WARMUP + TIMED) * args.batch]
     labeled = reward.labeled_draw(len(pool), args.mix, args.seed)
     return [(pool[i:i + args.batch], [bool(x) for x in labeled[i:i + args.batch]])
             for i in range(0, len(pool), args.batch)]

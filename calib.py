@@ -1,17 +1,14 @@
-"""The method's definitions: the question prompt, reading answers and confidences, answer matching, stability,
-the question sets, and the calibration metrics. Each formula is in its docstring.
+"""The method's definitions, in four sections: the question prompt; reading a response (its answer and
+confidence, answer matching); clustering the N answers and their stability; the calibration metrics. Each
+formula is in its docstring. The question sets are in data.py.
 """
 
-import json
 import math
-import os
 import re
 import string
 from collections import Counter
 
 import numpy as np
-
-from model import TINY, UserError
 
 # ----------------------------------------------------------------------------------------------------------
 # The prompt. The exact text lives here and nowhere else.
@@ -107,23 +104,46 @@ def is_abstention(answer):
     return answer is not None and normalize(answer) in ABSTENTIONS
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Clustering and stability. The clusters are lexical: two answers are one cluster when they are the same string
+# after TriviaQA's normalization ("The Beatles" and "beatles"), not when they mean the same ("JFK" and "John F.
+# Kennedy" are two clusters). The method's name says semantic entropy; this is its lexical special case, and
+# `equivalent` is the one place where a semantic equivalence plugs in.
+
+
+def equivalent(a, b):
+    """Do two answers (normalized, non-empty) mean the same? Here: they are the same string. A semantic version
+    (Kuhn et al. 2023, semantic entropy) asks an NLI model whether each answer entails the other in the context
+    of the question; it would need the question passed down to here, and a model call per pair it compares."""
+    return a == b
+
+
 def cluster_keys(answers):
-    """Each answer's cluster: its normalized string. A missing answer, or one that normalizes to nothing ("?",
-    "the"), is None, its own cluster: failing to answer is not agreeing with anything."""
-    return [(normalize(a) if a is not None else "") or None for a in answers]
+    """Each answer's cluster, numbered in order of first appearance: an answer joins the first cluster whose
+    first answer it is equivalent to, or starts a new one (the greedy clustering of the semantic-entropy
+    papers). A missing answer, or one that normalizes to nothing ("?", "the"), is None, its own cluster: failing
+    to answer is not agreeing with anything."""
+    first, keys = [], []
+    for answer in answers:
+        text = normalize(answer) if answer is not None else ""
+        k = next((k for k, other in enumerate(first) if equivalent(text, other)), len(first)) if text else None
+        if k == len(first):
+            first.append(text)
+        keys.append(k)
+    return keys
 
 
 def clusters(answers):
     """Cluster sizes n_k of a question's N answers (see cluster_keys)."""
     keys = cluster_keys(answers)
-    return list(Counter(k for k in keys if k).values()) + [1] * keys.count(None)
+    return list(Counter(k for k in keys if k is not None).values()) + [1] * keys.count(None)
 
 
 def cluster_shares(answers):
     """Each answer's share n_k / N of the N answers in its cluster (a missing or empty answer: 1 / N)."""
     keys = cluster_keys(answers)
     counts = Counter(keys)
-    return [(counts[k] if k else 1) / len(answers) for k in keys]
+    return [(counts[k] if k is not None else 1) / len(answers) for k in keys]
 
 
 def stability(answers):
@@ -134,85 +154,6 @@ def stability(answers):
         raise ValueError("stability needs at least 2 answers")
     p = np.array(clusters(answers)) / n
     return float(1 - (-(p * np.log(p)).sum()) / math.log(n))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Question sets: TriviaQA from the hub, or a local JSONL of {"question": ..., "answers": [...]}.
-
-TRIVIAQA = "mandarjoshi/trivia_qa"
-
-
-def load_questions(dataset, split):
-    """A list of {"question", "answers", ...}: `dataset` is "triviaqa" or "tiny" (the embedded world of world.py),
-    split "train" or "validation"; or a JSONL path (the split is then ignored). Fields beyond question and answers
-    are kept."""
-    if dataset == "triviaqa":
-        return load_triviaqa(split)
-    if dataset == "tiny":
-        return read_jsonl(os.path.join(TINY, f"{split}.jsonl"))
-    if not os.path.isfile(dataset):
-        raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa', 'tiny' nor a JSONL file")
-    return read_jsonl(dataset)
-
-
-def read_jsonl(path):
-    """The questions of a JSONL file: one object per line, UTF-8 (with or without a byte-order mark) or UTF-16
-    with one (what some Windows editors write). Anything else is one line naming the file and what is wrong."""
-    with open(path, "rb") as f:
-        data = f.read()
-    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as "
-                        "UTF-8") from None
-    questions = []
-    for number, line in enumerate(text.split("\n"), 1):   # not splitlines: U+2028 may sit inside a string
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise UserError(f"{path}, line {number}: not JSON ({str(e).split(':')[0]})") from None
-        if not (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip()
-                and isinstance(item.get("answers"), list) and item["answers"]
-                and all(isinstance(a, str) for a in item["answers"])):
-            raise UserError(f"{path}, line {number}: expected a JSON object "
-                            '{"question": "...", "answers": ["...", ...]} (a question and a non-empty list of '
-                            "answers, all text)")
-        questions.append(item)   # other fields (the tiny world's kind, fame) are kept for eval.py --group-by
-    return questions
-
-
-def load_triviaqa(split):
-    """TriviaQA rc.nocontext from the hub's parquet files; answers = value + aliases; one row per question_id
-    (rc repeats some questions)."""
-    from huggingface_hub import snapshot_download
-    try:
-        path = snapshot_download(TRIVIAQA, repo_type="dataset", allow_patterns=[f"rc.nocontext/{split}-*.parquet"])
-    except Exception as e:
-        raise UserError(f"cannot get TriviaQA ({TRIVIAQA}) from the Hugging Face hub: it is unreachable and not "
-                        f"cached ({type(e).__name__}); pass a local JSONL with --dataset, or run the embedded demo, "
-                        "which needs no hub: --model tiny --dataset tiny") from None
-    return read_triviaqa_parquet(sorted(
-        os.path.join(path, "rc.nocontext", f) for f in os.listdir(os.path.join(path, "rc.nocontext"))
-        if f.startswith(split + "-")))
-
-
-def read_triviaqa_parquet(files):
-    import pyarrow.parquet as pq
-    questions, seen = [], set()
-    for file in files:
-        table = pq.read_table(file, columns=["question", "question_id", "answer"]).to_pylist()
-        for row in table:
-            if row["question_id"] in seen:
-                continue
-            seen.add(row["question_id"])
-            answers = [row["answer"]["value"]] + [a for a in row["answer"]["aliases"] if a != row["answer"]["value"]]
-            questions.append({"question": row["question"], "answers": answers})
-    if not questions:
-        raise UserError(f"no TriviaQA questions in {files}")
-    return questions
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def _number(text, kind=float):
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
-    if not math.isfinite(value):
+    if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
@@ -73,6 +73,14 @@ def natural(text):
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def seed(text):
+    """A seed: an integer from 0 to 2^63 - 1 (torch's generators take no more, numpy's no negative one)."""
+    value = natural(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2^63, got {text}")
     return value
 
 

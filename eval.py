@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 import calib
 import cli
+import data
 import lora
 from model import ChatTokenizer, UserError, load_model, model_id
+from parallel import distributed, gather
 from rollout import check_length, generate, seed_of
-from train import distributed, gather
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
 # readable heuristic for the paper's behavioural finding, not a classifier.
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
     p.add_argument("--batch", type=cli.count, default=32, help="questions per generation batch")
     p.add_argument("--bootstrap", type=cli.natural, default=1000, help="resamples for the 95%% intervals (0: none)")
-    p.add_argument("--seed", type=cli.natural, default=0, help="seeds the question subset, the rollouts and the bootstrap")
+    p.add_argument("--seed", type=cli.seed, default=0,
+                   help="seeds the question subset, the rollouts and the bootstrap")
     p.add_argument("--out", default="runs/eval", help="folder for the per-question JSONL, PNG and markdown")
     p.add_argument("--json", help="write all metrics here (default: OUT/metrics.json)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
@@ -227,23 +229,6 @@ def changes_markdown(records_by_label, path, top=20):
         f.write("\n".join(lines))
 
 
-def read_records(path):
-    """The rows of a JSONL file we wrote: a training log (metrics.jsonl) or per-question responses."""
-    if not os.path.isfile(path):
-        raise UserError(f"not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number < len(lines):   # a last line torn by a crash mid-write is left out; any other is an error
-                raise UserError(f"{path}, line {number} is not JSON; is it a file train.py or eval.py wrote?") \
-                    from None
-    return records
-
-
 def plot_logs(runs, path, window=1):
     """Reward, calibration gap and accuracy over training, one line per run (the paper's Figure 2a).
     runs: {label: rows of metrics.jsonl}. A step sees only a batch of questions, so a moving average over
@@ -276,7 +261,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.plot_log:
-        runs = {os.path.basename(os.path.dirname(os.path.abspath(log))): read_records(log) for log in args.plot_log}
+        runs = {os.path.basename(os.path.dirname(os.path.abspath(log))): data.read_records(log) for log in args.plot_log}
         plot_logs(runs, os.path.join(args.out, "training.png"))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
@@ -292,7 +277,7 @@ def evaluate(args, rank=0):
                             "model back in that folder (an adapter names its base model by its path)")
     if args.dataset is None:
         args.dataset = "tiny" if "tiny" in bases + [args.model] else "triviaqa"
-    pool = calib.load_questions(args.dataset, "validation")
+    pool = data.load_questions(args.dataset, "validation")
     if not pool:
         raise UserError(f"{args.dataset} holds no evaluation questions")
     questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]

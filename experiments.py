@@ -30,6 +30,7 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ import numpy as np
 
 import calib
 import cli
+import data
 import eval as evaluate
 import lora
 import train
@@ -201,7 +203,7 @@ MIN_SEEDS = 3   # the oscillation claim's interval is over seeds: fewer give no 
 
 
 def oscillation(args, name, seed):
-    gap = np.array([r["calibration_gap"] for r in evaluate.read_records(
+    gap = np.array([r["calibration_gap"] for r in data.read_records(
         os.path.join(run_folder(args, name, seed), "metrics.jsonl")) if r["calibration_gap"] is not None])
     if len(gap) < 50:   # too short a run for a moving average and a second half
         return float("nan")
@@ -283,11 +285,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", args.grid)
     args.runs = args.runs or args.out
-    for flag in ("train_args", "eval_args"):
+    for flag in ("train_args", "eval_args", "launcher"):
         try:
             setattr(args, flag, shlex.split(getattr(args, flag) or ""))
         except ValueError as e:   # an unbalanced quote
             p.error(f"--{flag.replace('_', '-')}: {e}")
+    if args.launcher and not shutil.which(args.launcher[0]):
+        p.error(f"--launcher: no program {args.launcher[0]!r} here (not a file, not on PATH)")
     cli.check_writable(args.out, "--out", folder=True)
     cli.check_writable(args.runs, "--runs", folder=True)
     return args
@@ -341,22 +345,31 @@ def commands(name, seed, args):
     return training, evaluation
 
 
+def device_flags(device):
+    """The train.py / eval.py flags of a --devices slot: the GPUs of a slot are cuda:0, cuda:1, ... to the run."""
+    return [] if device is None else ["--device", "cpu" if device == "cpu" else "cuda"]
+
+
 def check_commands(args, jobs):
-    """Parse every run's train.py and eval.py flags before the first run starts: a flag that one of them would
-    refuse (from --train-args, --eval-args or --n) stops the grid now, not after hours of training."""
-    device = [] if args.devices[0] is None else ["--device", "cpu" if args.devices[0] == "cpu" else "cuda"]
-    for name, seed in jobs:
-        for script, parse, argv in zip(("train.py", "eval.py"), (train.parse_args, evaluate.parse_args),
-                                       commands(name, seed, args)):
-            if script == "train.py" and not argv:
-                continue
-            refused = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(refused):
-                    parse(argv + device)
-            except SystemExit:
-                message = refused.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
-                raise UserError(f"{script} would refuse the flags of {name} (seed {seed}): {message}") from None
+    """Parse every run's train.py and eval.py flags, on every kind of --devices slot, before the first run
+    starts: a flag that one of them would refuse (from --train-args, --eval-args or --n) stops the grid now,
+    not after hours of training."""
+    for device in dict.fromkeys(map(tuple, map(device_flags, args.devices))):
+        for name, seed in jobs:
+            for script, parse, argv in zip(("train.py", "eval.py"), (train.parse_args, evaluate.parse_args),
+                                           commands(name, seed, args)):
+                if script == "train.py" and not argv:
+                    continue
+                said = io.StringIO()
+                try:
+                    with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+                        parse(argv + list(device))
+                except SystemExit as e:   # argparse's refusal, or --help (exit 0)
+                    message = said.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1] if e.code else \
+                        "--help is not a flag for a run; see python " + script + " --help"
+                    raise UserError(f"{script} would refuse the flags of {name} (seed {seed}): {message}") from None
+                except UserError as e:
+                    raise UserError(f"{script}, for {name} (seed {seed}): {e}") from None
 
 
 def run_condition(name, seed, args, device=None):
@@ -394,10 +407,9 @@ def claim_folder(folder, commands):
 def launch(script, argv, args, device, folder):
     """Run train.py or eval.py through --launcher on `device`. When several conditions run at once, the run's
     output goes to FOLDER/<script>.log instead of the terminal."""
-    command = (shlex.split(args.launcher) if args.launcher else [sys.executable]) + [os.path.join(HERE, script), *argv]
+    command = (args.launcher or [sys.executable]) + [os.path.join(HERE, script), *argv, *device_flags(device)]
     env = dict(os.environ)
     if device is not None:
-        command += ["--device", "cpu" if device == "cpu" else "cuda"]
         if device != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = device   # the run sees its GPUs as cuda:0, cuda:1, ...
         elif len(args.devices) > 1:   # CPU slots share the cores: more threads than cores all spin and crawl
@@ -492,7 +504,7 @@ def table_markdown(table, args, results):
 def responses(args, name, seed):
     """The per-question records of a condition's evaluation (eval.py's responses-<label>.jsonl)."""
     folder = os.path.join(run_folder(args, name, seed), "eval")
-    return evaluate.read_records(os.path.join(folder, next(f for f in sorted(os.listdir(folder))
+    return data.read_records(os.path.join(folder, next(f for f in sorted(os.listdir(folder))
                                                            if f.startswith("responses-"))))
 
 
@@ -502,7 +514,7 @@ def slug(title):
 
 def mean_log(name, args):
     """The condition's training log, averaged over its seeds step by step."""
-    logs = [evaluate.read_records(os.path.join(run_folder(args, name, s), "metrics.jsonl"))
+    logs = [data.read_records(os.path.join(run_folder(args, name, s), "metrics.jsonl"))
             for s in seeds_of(name, args)]
     steps = min(map(len, logs))
     keys = ("reward", "calibration_gap", "accuracy")

@@ -29,8 +29,6 @@ Flags that depart from the paper's estimator (its choice is each one's default):
 """
 
 import argparse
-import contextlib
-import datetime
 import errno
 import io
 import json
@@ -40,15 +38,16 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import calib
 import cli
+import data
 import lora
 import reward
 from model import ChatTokenizer, KVCache, UserError, load_model, model_id
+from parallel import all_reduce_gradients, barrier, distributed, gather
 from rollout import check_length, generate, left_pad, seed_of, token_logprobs
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
@@ -135,7 +134,7 @@ def parser():
                    help="comma-separated projections given a LoRA")
     g.add_argument("--clip", type=cli.positive, default=1.0, help="gradient norm clip")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=cli.natural, default=0,
+    g.add_argument("--seed", type=cli.seed, default=0,
                    help="seeds the pool, the labeled draw, the order and the samples")
     g.add_argument("--out", default="runs/train", help="run folder: config.json, metrics.jsonl, checkpoints")
     g.add_argument("--ckpt", default="ckpt.safetensors", help="where the final adapter is written")
@@ -189,6 +188,10 @@ def check_run(args, config, rank=0):
         if args.resume:
             say(f"--resume: {args.out} holds no run yet; starting a new one", flush=True)
         return None
+    if not os.path.exists(state_file):   # a start that failed or stopped before its first checkpoint: nothing
+        if args.resume:                  # to keep, so it starts over, with these flags
+            say(f"--resume: {args.out} has no checkpoint (state.pt) yet; starting from step 0", flush=True)
+        return None
     if not args.resume:
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
     try:
@@ -203,9 +206,8 @@ def check_run(args, config, rank=0):
     if differ:
         raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
                         "resume with the same flags, or choose another --out")
-    if not os.path.exists(state_file):
-        say(f"--resume: {args.out} has no checkpoint (state.pt) yet; starting from step 0", flush=True)
-        return None
+    if os.path.exists(os.path.join(args.out, "metrics.jsonl")):   # read by every process: one that cannot stops all
+        data.read_records(os.path.join(args.out, "metrics.jsonl"))
     return read_state(state_file)
 
 
@@ -261,24 +263,11 @@ def append_line(path, line):
 
 
 def keep_metrics_until(path, step):
-    """On resume, drop log lines of steps after the checkpoint: they are about to be redone. A torn last line
-    (a crash in the middle of an append) goes too; anything else that is not JSON is an error."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path}, line {number} is not a JSON log line; remove that line and resume again") \
-                from None
-        if record.get("step", step) < step:
-            kept.append(line)
-    lora.write_atomic(path, "".join(kept))
+    """On resume, drop log lines of steps after the checkpoint: they are about to be redone (a torn last line
+    too: data.read_records leaves it out)."""
+    if os.path.exists(path):
+        kept = [r for r in data.read_records(path) if r.get("step", step) < step]
+        lora.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,8 +293,28 @@ def head_logprobs(model, h, tokens, temperature):
     return token_logprobs(model.logits(h), tokens, temperature)
 
 
+def completion_logprobs_plain(model, prompts, completions, n, temperature=1.0):
+    """log p of every completion token (the stop token included), with gradients to the LoRA weights: the plain
+    reference. prompts: Q token lists; completions: Q * n token lists, prompt-major (the n answers to prompt 0
+    first). Each rollout runs as prompt + completion in a forward pass of its own; token t of the completion is
+    predicted by the hidden state before it. Returns the log-probs (Q * n, L), zero at padding, and the mask of
+    real tokens (Q * n, L). Training uses completion_logprobs, its tested equivalent, which computes each shared
+    prefix once."""
+    device = model.lm_head.weight.device
+    L = max(map(len, completions))
+    logp = torch.zeros(len(completions), L, device=device)
+    mask = torch.zeros(len(completions), L, dtype=torch.bool, device=device)
+    for i, completion in enumerate(completions):
+        prompt = prompts[i // n]
+        h = model.hidden_states(torch.tensor([prompt + completion], device=device))[0, len(prompt) - 1:-1]
+        logp[i, :len(completion)] = head_logprobs(model, h, torch.tensor(completion, device=device), temperature)
+        mask[i, :len(completion)] = True
+    return logp, mask
+
+
 def completion_logprobs(model, prompts, completions, n, temperature=1.0):
-    """log p of every completion token (the stop token included), with gradients to the LoRA weights.
+    """completion_logprobs_plain's log-probs and mask, equal to them (tested), values and gradients, for far
+    fewer token positions: what training uses.
 
     prompts: Q token lists; completions: Q * n token lists, prompt-major (the n answers to prompt 0 first).
     Nothing is computed twice: the instruction all prompts share once, each question once for its n answers,
@@ -389,37 +398,31 @@ def micro_batches(prompts, completions, n, budget):
 def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=None):
     """One REINFORCE step, micro-batched by questions. Returns (loss, sum of |log p_learn - log p_sample|, tokens).
 
-        loss = -sum_i A_i sum_t w_it log p(y_it) / (n_rollouts * max_new_tokens),  w_it = min(p_learn / p_sample, C)
+        loss = -sum_i A_i sum_t log p(y_it) / (n_rollouts * max_new_tokens)          the paper's policy gradient
 
-    n_rollouts counts the step's rollouts in every process: each process's gradient is its share of the sum,
-    and the all-reduce adds them up before the clip and the AdamW step. starts[i] (default 0): the first token
-    of rollout i that carries its advantage (--credit confidence).
-
-    p_sample is the probability the sampler recorded for token t of rollout i, p_learn the learner's own, at
-    the same temperature. They are one policy: equal up to ~1e-5 nats in fp32, within bf16's own noise in bf16,
-    so w is 1 and this is plain on-policy REINFORCE. The truncated importance weight w (Yao et al. 2025,
-    "TIS"; held constant, C = --is-cap, 0 for none) corrects what mismatch remains, and policy_mismatch, the
-    mean over generated tokens of |log p_learn - log p_sample|, shows how much there is.
+    summed over every generated token t of every rollout i (the stop token included). n_rollouts is the step's
+    rollouts in all processes, questions x N: each process's gradient is its share of the sum, and the
+    all-reduce adds them up before the clip and the AdamW step. Two departures multiply a token's term, each a
+    function below that says what it changes: importance_weight (--is-cap; 1 on-policy, up to numerical noise)
+    and credited_tokens (--credit; every token by default). starts[i] (default 0): the first token of rollout i
+    that carries its advantage.
     """
     optimizer.zero_grad(set_to_none=False)   # zeros, not None: a process with nothing to learn still all-reduces
     n, norm = args.rollouts, n_rollouts * args.max_new_tokens
     total, mismatch, tokens = 0.0, 0.0, 0
     for questions in micro_batches(prompts, [c.ids for c in out], n, args.micro_batch_tokens):
-        rows = [out[q * n + j] for q in questions for j in range(n)]
-        logp, mask = completion_logprobs(model, [prompts[q] for q in questions], [c.ids for c in rows], n,
+        rows = [q * n + j for q in questions for j in range(n)]   # these questions' rollouts
+        logp, mask = completion_logprobs(model, [prompts[q] for q in questions], [out[i].ids for i in rows], n,
                                          args.temperature)
-        sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor([x for c in rows for x in c.logprobs],
-                                                                             device=logp.device))
-        diff = (logp.detach() - sampled) * mask
-        weight = diff.exp().clamp(max=args.is_cap) if args.is_cap else 1.0
-        adv = torch.tensor([advantages[q * n + j] for q in questions for j in range(n)], device=logp.device)
-        first = torch.tensor([starts[q * n + j] if starts else 0 for q in questions for j in range(n)],
-                             device=logp.device)
-        credited = mask & (torch.arange(mask.shape[1], device=logp.device)[None] >= first[:, None])
-        loss = -(adv[:, None] * weight * logp * credited).sum() / norm
+        sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor(
+            [x for i in rows for x in out[i].logprobs], device=logp.device))   # log p_sample, as the sampler saw it
+        weight = importance_weight(logp, sampled, mask, args.is_cap)
+        credited = credited_tokens(mask, [starts[i] if starts else 0 for i in rows])
+        adv = torch.tensor([advantages[i] for i in rows], device=logp.device)
+        loss = -(adv[:, None] * weight * logp * credited).sum() / norm   # -A_i log p(y_it), summed
         loss.backward()
         total += loss.item()
-        mismatch += diff.abs().sum().item()
+        mismatch += ((logp.detach() - sampled) * mask).abs().sum().item()
         tokens += int(mask.sum())
     all_reduce_gradients(model)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
@@ -429,28 +432,55 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
     return total, mismatch, tokens
 
 
+def importance_weight(logp, sampled, mask, cap):
+    """--is-cap C (a departure, on by default): each token's term is weighted by w = min(p_learn / p_sample, C),
+    held constant (the truncated importance weight, "TIS", Yao et al. 2025). p_sample is the probability the
+    sampler recorded, p_learn the learner's own at the same temperature. They are one policy here: equal up to
+    ~1e-5 nats in fp32, within bf16's own noise in bf16, so w is 1 and this is plain on-policy REINFORCE; w
+    corrects what mismatch remains (policy_mismatch in the log shows how much). C = 0: no weight."""
+    return ((logp.detach() - sampled) * mask).exp().clamp(max=cap) if cap else 1.0
+
+
+def credited_tokens(mask, starts):
+    """--credit (a departure when 'confidence'): which tokens carry their rollout's advantage. The paper's:
+    every generated token (starts all 0); with --credit confidence, an unlabeled rollout's from its confidence
+    statement on (see credit_starts)."""
+    first = torch.tensor(starts, device=mask.device)
+    return mask & (torch.arange(mask.shape[1], device=mask.device)[None] >= first[:, None])
+
+
 def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_questions, target=None):
     """One step on this process's share of a batch (questions, their pool indices ids, their labeled flags):
     rollouts, rewards, advantages, the update. n_questions: the whole batch's, over every process. Returns what
     the step's log line needs from this share (step_record joins the shares). target: the unlabeled questions'
     per-rollout targets (reward.group_rewards; None: stability, the paper's)."""
-    t0 = time.perf_counter()
-    prompts, out = rollouts(model, tok, questions, ids, args, step)
-    t1 = time.perf_counter()
     n = args.rollouts
+    t0 = time.perf_counter()
+    prompts, out = rollouts(model, tok, questions, ids, args, step)                   # N answers per question
+    t1 = time.perf_counter()
     groups = [reward.group_rewards([c.text for c in out[q * n:(q + 1) * n]], question["answers"], is_labeled,
-                                   args.correct_weight, target)
+                                   args.correct_weight, target)                        # R_i, and what to log
               for q, (question, is_labeled) in enumerate(zip(questions, labeled))]
-    advantages = [r - np.mean(rs) for rs, _ in groups for r in rs]   # A_i = R_i - mean of the question's R
-    # --credit confidence: an unlabeled rollout's advantage on its confidence statement only, unless the rollout
-    # failed the format (no answer or no confidence): then the format is what the reward blames, on every token
-    starts = [confidence_start(tok, c.ids) if args.credit == "confidence" and not labeled[i // n]
-              and groups[i // n][1]["parsed"][i % n] else 0 for i, c in enumerate(out)]
+    advantages = [r - np.mean(rewards) for rewards, _ in groups for r in rewards]    # A_i = R_i - mean_j R_j
+    starts = credit_starts(tok, out, groups, labeled, args)
     t2 = time.perf_counter()
     loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * n, starts)
     t3 = time.perf_counter()
     return {"groups": groups, "labeled": labeled, "loss": loss, "mismatch": mismatch, "learned_tokens": learned,
             "tokens": sum(len(c.ids) for c in out), "rollout_s": t1 - t0, "learn_s": t3 - t2}
+
+
+def credit_starts(tok, out, groups, labeled, args):
+    """The first token of each rollout that carries its advantage: 0 (all of them, the paper's) unless --credit
+    confidence, where an unlabeled rollout's advantage lands on its confidence statement only, since the
+    stability reward depends on nothing else. A rollout that failed the format (no answer or no confidence) is
+    blamed on every token: the format is what its reward judges."""
+    n, starts = args.rollouts, []
+    for q, ((_, parts), is_labeled) in enumerate(zip(groups, labeled)):
+        for completion, parsed in zip(out[q * n:(q + 1) * n], parts["parsed"]):
+            on_confidence = args.credit == "confidence" and not is_labeled and parsed
+            starts.append(confidence_start(tok, completion.ids) if on_confidence else 0)
+    return starts
 
 
 def confidence_start(tok, ids):
@@ -496,58 +526,6 @@ def step_record(shares):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# More than one process: `torchrun --nproc-per-node K train.py ...`. Each process samples and rewards its share
-# of a step's questions (a question's N rollouts stay together, so its baseline is unchanged) and the LoRA
-# gradients are summed; rank 0 alone writes files. Without torchrun this is rank 0 of 1 and all of it is a no-op.
-
-DIST_TIMEOUT = datetime.timedelta(minutes=30)   # a rank that died stops the others with an error, not a hang
-
-
-@contextlib.contextmanager
-def distributed(args):
-    """Join torchrun's process group for the duration: NCCL on CUDA (each process on its LOCAL_RANK's GPU),
-    gloo on a CPU. Yields (rank, world size); (0, 1) without torchrun."""
-    if "WORLD_SIZE" not in os.environ:
-        yield 0, 1
-        return
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if args.device.startswith("cuda"):
-        if torch.cuda.device_count() <= local:
-            raise UserError(f"process {rank} wants GPU {local}, but this machine has {torch.cuda.device_count()}; "
-                            "run at most as many processes per node as GPUs (--nproc-per-node)")
-        args.device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
-    try:
-        yield rank, world
-    finally:
-        dist.destroy_process_group()
-
-
-def all_reduce_gradients(model):
-    """Sum the LoRA gradients over the processes, so that every one takes the same AdamW step. By hand rather
-    than through DDP: at rank 1 they are a few kB, and nothing else of the model changes."""
-    if dist.is_initialized():
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.all_reduce(p.grad)
-
-
-def gather(obj):
-    """Every process's obj, in rank order (a list of one without torchrun)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def build(args):
@@ -563,27 +541,15 @@ def build(args):
 def train(args, rank=0, world=1):
     config = run_config(args)
     state = check_run(args, config, rank)
-    pool = calib.load_questions(args.dataset, "train")
-    if args.data > len(pool):
-        raise UserError(f"--data {args.data} is larger than the pool: {args.dataset} has {len(pool)} training "
-                        "questions")
-    pool = [pool[i] for i in np.random.default_rng([args.seed, 0]).permutation(len(pool))[:args.data]]
+    pool = training_pool(args)
     steps_per_epoch = math.ceil(len(pool) / args.batch)
     total_steps = steps_per_epoch * args.epochs
     check_shares(args, len(pool), world)
-
     model, tok, optimizer = build(args)
     check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens,
                  [q["question"] for q in pool])
-    start, calibration = 0, reward.StabilityCalibration()
-    if state is not None:
-        if not lora.set_adapter_state(model, state["adapter"]):
-            raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
-        optimizer.load_state_dict(state["optimizer"])
-        start, calibration = state["step"], reward.StabilityCalibration(state.get("calibration", ()))
+    start, calibration = resume(model, optimizer, state, args)
     write_config(args, config, rank)   # everything is checked: from here on the run folder exists
-    targets = {"raw": None, "platt": lambda s, answers: [calibration(s)] * len(answers),
-               "cluster": lambda s, answers: calib.cluster_shares(answers)}
     log_file = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         keep_metrics_until(log_file, start)
@@ -595,39 +561,35 @@ def train(args, rank=0, world=1):
     saved = start   # the step of the last checkpoint
     try:
         for step in bar:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = np.random.default_rng([args.seed, 2, epoch]).permutation(len(pool))
-            batch = order[k * args.batch:(k + 1) * args.batch]
+            epoch, batch = step_questions(args, len(pool), step, steps_per_epoch)
             mine = batch[rank::world]   # this process's share of the step's questions
             mix = mix_at(args, step, total_steps)
             labeled = reward.labeled_draw(len(pool), mix, args.seed)
             try:
                 share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine,
                                    [bool(labeled[i]) for i in mine], args, step, len(batch),
-                                   targets[args.stability_target])
+                                   stability_target(args, calibration))
             except FloatingPointError as e:   # nothing of this step is written: the checkpoints stay finite
+                cause = ("A learning rate too high is the usual cause: try a lower --lr in a new --out" if step
+                         else "No update has happened yet: the base model or --temperature gives them")
                 raise UserError(f"step {step}: {e}; nothing of it was written ({args.out} holds the run up to "
-                                f"step {saved}). A learning rate too high is the usual cause: try a lower --lr in "
-                                "a new --out") from None
+                                f"step {saved}). {cause}") from None
             shares = gather(share)
-            if args.stability_target == "platt":   # every process's labeled rollouts, for the next steps' target
-                for each in shares:
-                    for (_, part), is_labeled in zip(each["groups"], each["labeled"]):
-                        if is_labeled:
-                            calibration.add(part["stability"], part["correct"])
-                calibration.fit()
+            if args.stability_target == "platt":
+                refit(calibration, shares)
             record = {"step": step, "epoch": epoch, "mix": mix, **step_record(shares)}
             done = step + 1
+            checkpoint_now = done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end
             if rank == 0:
                 append_line(log_file, json.dumps(record) + "\n")
-                bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
-                                gap=f"{record['calibration_gap']:+.2f}" if record["calibration_gap"] is not None
-                                else "-")
-                if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
+                show(bar, record)
+                if checkpoint_now:
                     save_checkpoint(args, model, optimizer, done, config, calibration)
-                    saved = done
+            saved = done if checkpoint_now else saved
     except KeyboardInterrupt:
         raise KeyboardInterrupt(resume_hint(args, saved)) from None
+    except OSError as e:   # a full disk, a folder gone: what was written before stays whole
+        raise UserError(f"cannot write to {args.out} ({e.strerror or e}); {resume_hint(args, saved)}") from None
     bar.close()
     if rank == 0 and end == total_steps:
         os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
@@ -635,6 +597,58 @@ def train(args, rank=0, world=1):
         print(f"adapter written to {args.ckpt} (run folder: {args.out})")
     elif rank == 0:
         print(f"stopped at step {end} of {total_steps}; continue with --resume (run folder: {args.out})")
+
+
+def training_pool(args):
+    """The --data questions of the run: a seeded subset of the dataset's training questions."""
+    pool = data.load_questions(args.dataset, "train")
+    if args.data > len(pool):
+        raise UserError(f"--data {args.data} is larger than the pool: {args.dataset} has {len(pool)} training "
+                        "questions")
+    return [pool[i] for i in np.random.default_rng([args.seed, 0]).permutation(len(pool))[:args.data]]
+
+
+def step_questions(args, n_pool, step, steps_per_epoch):
+    """(epoch, the pool indices of the step's questions): each epoch a seeded shuffle of the pool, in batches."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([args.seed, 2, epoch]).permutation(n_pool)
+    return epoch, order[k * args.batch:(k + 1) * args.batch]
+
+
+def resume(model, optimizer, state, args):
+    """(the step to start at, the calibrated stability target's data): from the resume state, or fresh."""
+    if state is None:
+        return 0, reward.StabilityCalibration()
+    if not lora.set_adapter_state(model, state["adapter"]):
+        raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], reward.StabilityCalibration(state.get("calibration", ()))
+
+
+def stability_target(args, calibration):
+    """The unlabeled questions' per-rollout targets, target(s, answers) for reward.group_rewards: None for s
+    itself (the paper's); --stability-target platt: P(correct | s), fitted so far; cluster: each rollout's
+    answer's share of the N answers."""
+    if args.stability_target == "platt":
+        return lambda s, answers: [calibration(s)] * len(answers)
+    if args.stability_target == "cluster":
+        return lambda s, answers: calib.cluster_shares(answers)
+    return None
+
+
+def refit(calibration, shares):
+    """Add every process's labeled rollouts (stability, correct) to the calibrated target's data, and refit it
+    for the next steps."""
+    for share in shares:
+        for (_, part), is_labeled in zip(share["groups"], share["labeled"]):
+            if is_labeled:
+                calibration.add(part["stability"], part["correct"])
+    calibration.fit()
+
+
+def show(bar, record):
+    bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
+                    gap="-" if record["calibration_gap"] is None else f"{record['calibration_gap']:+.2f}")
 
 
 def check_shares(args, n_pool, world):

@@ -1,14 +1,12 @@
 """calib.py: every definition against hand-computed values, the parser on real-looking outputs, metrics
 against independent computations, and the question loaders."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 import calib
-from model import UserError
 
 
 def test_stability_hand_values():
@@ -156,73 +154,3 @@ def test_grouped_auroc_within_groups_and_the_base_rate_bar():
     # a group with one class only has no AUROC and no weight
     within, _ = calib.grouped_auroc([0.9, 0.1, 0.5, 0.6], [1, 0, 1, 1], ["a", "a", "b", "b"])
     assert within == pytest.approx(1.0)
-
-
-def test_malformed_jsonl_names_its_line(tmp_path):
-    f = tmp_path / "q.jsonl"
-    f.write_text('{"question": "a?", "answers": ["b"]}\n\n{"question": "c?", "answers": "d"}\n')
-    with pytest.raises(UserError, match=r"line 3"):
-        calib.load_questions(str(f), "train")
-    f.write_text('{"question": "a?", "answers": ["b"]}\nnot json\n')
-    with pytest.raises(UserError, match=r"line 2"):
-        calib.load_questions(str(f), "train")
-    with pytest.raises(UserError, match="neither 'triviaqa', 'tiny' nor a JSONL"):
-        calib.load_questions(str(tmp_path / "missing.jsonl"), "train")
-
-
-def test_jsonl_in_utf8_with_a_byte_order_mark_or_utf16_reads_and_other_encodings_are_named(tmp_path):
-    lines = [{"question": "Who is Ané?", "answers": ["Zoë", "Zoe"]}, {"question": "Où?", "answers": ["Paris"]}]
-    text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in lines)
-    for name, data in (("utf8", text.encode()), ("bom", "\ufeff".encode() + text.encode()),
-                       ("utf16", text.encode("utf-16")), ("utf16be", b"\xfe\xff" + text.encode("utf-16-be"))):
-        (tmp_path / name).write_bytes(data)
-        assert calib.load_questions(str(tmp_path / name), "train") == lines, name
-    (tmp_path / "latin1").write_bytes(text.encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1 is not UTF-8 text \(byte 23 is b'\\xe9'\); save it as UTF-8"):
-        calib.load_questions(str(tmp_path / "latin1"), "train")
-    (tmp_path / "deep").write_text("[" * 100_000 + "\n")
-    with pytest.raises(UserError, match="deep, line 1: not JSON"):
-        calib.load_questions(str(tmp_path / "deep"), "train")
-    (tmp_path / "blank").write_text('{"question": "  ", "answers": ["x"]}\n')
-    with pytest.raises(UserError, match="blank, line 1: expected a JSON object"):
-        calib.load_questions(str(tmp_path / "blank"), "train")
-
-
-def write_triviaqa_parquet(path):
-    """A parquet file with TriviaQA rc.nocontext's real schema (the columns we read and some we don't)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    answer = lambda value, aliases: {"aliases": aliases, "normalized_aliases": [a.lower() for a in aliases],
-                                     "matched_wiki_entity_name": "", "normalized_matched_wiki_entity_name": "",
-                                     "normalized_value": value.lower(), "type": "WikipediaEntity", "value": value}
-    rows = [("Which band sang Help?", "tc_1", answer("The Beatles", ["Beatles", "The Beatles", "Fab Four"])),
-            ("Capital of France?", "tc_2", answer("Paris", ["Paris", "Paris, France"])),
-            ("Which band sang Help?", "tc_1", answer("The Beatles", ["Beatles", "The Beatles", "Fab Four"]))]
-    table = pa.table({
-        "question": [r[0] for r in rows], "question_id": [r[1] for r in rows],
-        "question_source": ["http://x"] * 3,
-        "entity_pages": [{"doc_source": [], "filename": [], "title": [], "wiki_context": []}] * 3,
-        "search_results": [{"description": [], "filename": [], "rank": [], "title": [], "url": [],
-                            "search_context": []}] * 3,
-        "answer": [r[2] for r in rows]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-
-
-def test_triviaqa_loader_on_a_parquet_file_with_the_real_schema(tmp_path, monkeypatch):
-    write_triviaqa_parquet(tmp_path / "rc.nocontext" / "validation-00000-of-00001.parquet")
-    import huggingface_hub
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)) or str(tmp_path))
-    questions = calib.load_questions("triviaqa", "validation")
-    assert calls[0][0] == ("mandarjoshi/trivia_qa",) and calls[0][1]["repo_type"] == "dataset"
-    assert calls[0][1]["allow_patterns"] == ["rc.nocontext/validation-*.parquet"]
-    assert questions == [{"question": "Which band sang Help?", "answers": ["The Beatles", "Beatles", "Fab Four"]},
-                         {"question": "Capital of France?", "answers": ["Paris", "Paris, France"]}]
-
-
-def test_unreachable_hub_for_triviaqa_is_a_clear_error(monkeypatch):
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match="unreachable.*local JSONL.*--model tiny --dataset tiny"):
-        calib.load_questions("triviaqa", "train")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import parallel
 import train
 from model import UserError
 
@@ -111,5 +112,5 @@ def test_layouts_that_do_not_divide_are_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match="wants GPU 1, but this machine has 1"):
-        with train.distributed(types.SimpleNamespace(device="cuda")):
+        with parallel.distributed(types.SimpleNamespace(device="cuda")):
             pass

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import calib
+import data
 import eval as evaluate
 import lora
 from model import UserError, load_model
@@ -148,8 +149,8 @@ def test_a_log_torn_by_a_crash_still_plots(tmp_path):
     log.parent.mkdir()
     log.write_text(json.dumps({"step": 0, "reward": 0.5, "calibration_gap": 0.3, "accuracy": 0.4}) + "\n"
                    + '{"step": 1, "rew')
-    assert len(evaluate.read_records(str(log))) == 1
+    assert len(data.read_records(str(log))) == 1
     evaluate.main(["--plot-log", str(log), "--out", str(tmp_path)])
     log.write_text('{"step": 1, "rew\n' + json.dumps({"step": 0}) + "\n")
     with pytest.raises(UserError, match="metrics.jsonl, line 1 is not JSON"):
-        evaluate.read_records(str(log))
+        data.read_records(str(log))

@@ -157,6 +157,14 @@ def test_bad_flags_of_any_run_are_refused_before_the_first_trains(tmp_path, form
     with pytest.raises(experiments.UserError, match=r"eval.py would refuse the flags of untrained \(seed 0\): "
                                                     "argument --bootstrap: must be 0 or more"):
         experiments.main(argv(tmp_path, model, questions, "--eval-args=--bootstrap -5"))
+    with pytest.raises(experiments.UserError, match=r"train.py would refuse the flags of T \(seed 0\): --help is not "
+                                                    "a flag for a run"):
+        experiments.main(argv(tmp_path, model, questions, "--train-args=--help"))
+    for launcher, message in (("torchrun 'x", "--launcher: No closing quotation"),
+                              ("no-such-launcher -x", "--launcher: no program 'no-such-launcher' here")):
+        with pytest.raises(SystemExit):
+            experiments.main(argv(tmp_path, model, questions, "--launcher", launcher))
+        assert message in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
     with pytest.raises(experiments.UserError, match="--out .*a-file is a file; it must be a folder"):
         experiments.main(argv(tmp_path, model, questions, "--out", str(tmp_path / "a-file")))

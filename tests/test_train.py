@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_questions
 
-import calib
+import data
 import lora
 import train
 from model import ChatTokenizer, UserError, load_model
@@ -61,11 +61,12 @@ PROMPTS, COMPLETIONS = [[5, 6, 7], [5, 6, 11, 12, 13]], [[11, 12, 2], [13, 2], [
 
 def test_completion_logprobs_equal_a_full_pass_and_count_the_stop_token(tiny_untied):
     model = load_model(tiny_untied)
-    logp, mask = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2)
-    assert mask.tolist() == [[t < len(c) for t in range(5)] for c in COMPLETIONS]
-    for i, expected in enumerate(full_pass_logprobs(model, PROMPTS, COMPLETIONS, 2)):
-        assert torch.allclose(logp[i, :len(COMPLETIONS[i])], expected, atol=1e-5)   # the stop token (2) included
-        assert (logp[i, len(COMPLETIONS[i]):] == 0).all()
+    for fn in (train.completion_logprobs_plain, train.completion_logprobs):   # the reference, then the fast one
+        logp, mask = fn(model, PROMPTS, COMPLETIONS, 2, 1.5)
+        assert mask.tolist() == [[t < len(c) for t in range(5)] for c in COMPLETIONS]
+        for i, expected in enumerate(full_pass_logprobs(model, PROMPTS, COMPLETIONS, 2, 1.5)):
+            assert torch.allclose(logp[i, :len(COMPLETIONS[i])], expected, atol=1e-5)   # the stop token (2) in
+            assert (logp[i, len(COMPLETIONS[i]):] == 0).all()
 
 
 def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():
@@ -89,7 +90,8 @@ def lora_grads(model, loss):
 
 
 def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
-    """Each prompt computed once for its n completions gives today's per-sequence gradient, at any temperature."""
+    """Each prompt computed once for its n completions gives the plain reference's gradient (one forward pass per
+    rollout), at any temperature."""
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
         m.lora_B.weight.data.normal_(0, 0.05)
@@ -97,8 +99,8 @@ def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
     for temperature in (1.0, 1.5):
         logp, _ = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2, temperature)
         shared = lora_grads(model, (logp.sum(-1) * weights).sum())
-        reference = full_pass_logprobs(model, PROMPTS, COMPLETIONS, 2, temperature)
-        per_sequence = lora_grads(model, sum(w * lp.sum() for w, lp in zip(weights, reference)))
+        reference, _ = train.completion_logprobs_plain(model, PROMPTS, COMPLETIONS, 2, temperature)
+        per_sequence = lora_grads(model, (reference.sum(-1) * weights).sum())
         for a, b in zip(shared, per_sequence):
             assert (a - b).norm() <= 1e-5 * b.norm()
 
@@ -174,7 +176,7 @@ def test_sampler_and_learner_are_one_policy_in_bf16():
     decoding against a full pass, measured with no adapter), not more: the adapter is applied the same way on
     both sides. A bf16 merge of W + s B A rounds the update and fails this (4x the floor)."""
     tok = ChatTokenizer("tiny")
-    questions = calib.load_questions("tiny", "validation")[:8]
+    questions = data.load_questions("tiny", "validation")[:8]
     floor = sampler_learner_mismatch(tiny_with_adapter(torch.bfloat16, 0.0), tok, questions)
     trained = sampler_learner_mismatch(tiny_with_adapter(torch.bfloat16, 0.02), tok, questions)
     assert trained < 0.01 and trained <= 1.5 * floor + 1e-4, (trained, floor)
@@ -375,6 +377,8 @@ def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkey
     (["--max-steps", "-3"], "--max-steps: must be at least 1, got -3"),
     (["--data", "ten"], "--data: must be an integer, got 'ten'"),
     (["--seed", "-1"], "--seed: must be 0 or more, got -1"),
+    (["--seed", "9" * 400], "--seed: must be below 2^63"),
+    (["--seed", str(2**64)], "--seed: must be below 2^63"),
     (["--targets", "q_proj,qproj"], "--targets: unknown projection 'qproj': choose from q_proj,k_proj"),
     (["--targets", "foo"], "--targets: unknown projection 'foo'"),
     (["--device", "tpu"], "--device: 'tpu' is not a device: use cpu, cuda or cuda:K"),
@@ -533,3 +537,33 @@ def test_a_question_too_long_for_the_model_is_named(tmp_path, tiny_tied):
                                         r"\d+ tokens and the model holds 512 positions; shorten it or remove it"):
         train.main(["--model", tiny_tied, "--dataset", str(questions), "--data", "1", "--out",
                     str(tmp_path / "r"), "--ckpt", str(tmp_path / "c")])
+
+
+def test_a_start_that_fails_at_its_first_step_can_be_started_again(tmp_path, formatted, monkeypatch):
+    model, questions = formatted
+    argv = small(tmp_path, model, questions, tmp_path / "r")
+
+    def broken(*a, **kw):
+        raise FloatingPointError("the policy's logits are not finite (its weights have diverged)")
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "rollouts", broken)
+        with pytest.raises(UserError, match="step 0: .*No update has happened yet: the base model or --temperature"):
+            train.main(argv)
+    assert os.path.exists(tmp_path / "r" / "config.json") and not os.path.exists(tmp_path / "r" / "state.pt")
+    train.main(argv + ["--lr", "1e-3"])   # nothing was checkpointed: the folder is free, even for other flags
+    assert json.load(open(tmp_path / "r" / "config.json"))["lr"] == 1e-3
+
+
+def test_a_write_that_fails_mid_run_says_where_to_resume(tmp_path, formatted, monkeypatch):
+    model, questions = formatted
+    real, calls = train.save_checkpoint, []
+
+    def full_disk(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    with pytest.raises(UserError, match=r"cannot write to .*r \(No space left on device\); the last checkpoint is "
+                                        "step 1 in .*r; the same command with --resume continues from it"):
+        train.main(small(tmp_path, model, questions, tmp_path / "r"))

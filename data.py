@@ -1,0 +1,103 @@
+"""The data files: the question sets (TriviaQA from the Hugging Face hub, the tiny world's from world.py, or a
+local JSONL of {"question": ..., "answers": [...]}; every question is a dict with at least those two fields),
+and the JSONL logs the scripts write.
+"""
+
+import json
+import os
+
+from model import TINY, UserError
+
+
+TRIVIAQA = "mandarjoshi/trivia_qa"
+
+
+def load_questions(dataset, split):
+    """A list of {"question", "answers", ...}: `dataset` is "triviaqa" or "tiny" (the embedded world of world.py),
+    split "train" or "validation"; or a JSONL path (the split is then ignored). Fields beyond question and answers
+    are kept."""
+    if dataset == "triviaqa":
+        return load_triviaqa(split)
+    if dataset == "tiny":
+        return read_jsonl(os.path.join(TINY, f"{split}.jsonl"))
+    if not os.path.isfile(dataset):
+        raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa', 'tiny' nor a JSONL file")
+    return read_jsonl(dataset)
+
+
+def read_jsonl(path):
+    """The questions of a JSONL file: one object per line, UTF-8 (with or without a byte-order mark) or UTF-16
+    with one (what some Windows editors write). Anything else is one line naming the file and what is wrong."""
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as "
+                        "UTF-8") from None
+    questions = []
+    for number, line in enumerate(text.split("\n"), 1):   # not splitlines: U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{path}, line {number}: not JSON ({str(e).split(':')[0]})") from None
+        if not (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip()
+                and isinstance(item.get("answers"), list) and item["answers"]
+                and all(isinstance(a, str) for a in item["answers"])):
+            raise UserError(f"{path}, line {number}: expected a JSON object "
+                            '{"question": "...", "answers": ["...", ...]} (a question and a non-empty list of '
+                            "answers, all text)")
+        questions.append(item)   # other fields (the tiny world's kind, fame) are kept for eval.py --group-by
+    return questions
+
+
+def load_triviaqa(split):
+    """TriviaQA rc.nocontext from the hub's parquet files; answers = value + aliases; one row per question_id
+    (rc repeats some questions)."""
+    from huggingface_hub import snapshot_download
+    try:
+        path = snapshot_download(TRIVIAQA, repo_type="dataset", allow_patterns=[f"rc.nocontext/{split}-*.parquet"])
+    except Exception as e:
+        raise UserError(f"cannot get TriviaQA ({TRIVIAQA}) from the Hugging Face hub: it is unreachable and not "
+                        f"cached ({type(e).__name__}); pass a local JSONL with --dataset, or run the embedded demo, "
+                        "which needs no hub: --model tiny --dataset tiny") from None
+    return read_triviaqa_parquet(sorted(
+        os.path.join(path, "rc.nocontext", f) for f in os.listdir(os.path.join(path, "rc.nocontext"))
+        if f.startswith(split + "-")))
+
+
+def read_triviaqa_parquet(files):
+    import pyarrow.parquet as pq
+    questions, seen = [], set()
+    for file in files:
+        table = pq.read_table(file, columns=["question", "question_id", "answer"]).to_pylist()
+        for row in table:
+            if row["question_id"] in seen:
+                continue
+            seen.add(row["question_id"])
+            answers = [row["answer"]["value"]] + [a for a in row["answer"]["aliases"] if a != row["answer"]["value"]]
+            questions.append({"question": row["question"], "answers": answers})
+    if not questions:
+        raise UserError(f"no TriviaQA questions in {files}")
+    return questions
+
+
+def read_records(path):
+    """The rows of a JSONL file train.py or eval.py wrote (metrics.jsonl, responses-*.jsonl). A last line torn by
+    a crash in the middle of a write is left out; any other line that is not JSON is an error."""
+    if not os.path.isfile(path):
+        raise UserError(f"not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"{path}, line {number} is not JSON; is it a file train.py or eval.py wrote? Remove "
+                                "that line, or the file") from None
+    return records

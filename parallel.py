@@ -1,0 +1,60 @@
+"""More than one process: `torchrun --nproc-per-node K train.py ...` (or eval.py). Each process samples and rewards
+its share of a step's questions (a question's N rollouts stay together, so its baseline is unchanged) and the
+LoRA gradients are summed; rank 0 alone writes files. Without torchrun this is rank 0 of 1 and all of it is a
+no-op. train.py and eval.py both use these helpers.
+"""
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from model import UserError
+
+DIST_TIMEOUT = datetime.timedelta(minutes=30)   # a rank that died stops the others with an error, not a hang
+
+
+@contextlib.contextmanager
+def distributed(args):
+    """Join torchrun's process group for the duration: NCCL on CUDA (each process on its LOCAL_RANK's GPU),
+    gloo on a CPU. Yields (rank, world size); (0, 1) without torchrun."""
+    if "WORLD_SIZE" not in os.environ:
+        yield 0, 1
+        return
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.device.startswith("cuda"):
+        if torch.cuda.device_count() <= local:
+            raise UserError(f"process {rank} wants GPU {local}, but this machine has {torch.cuda.device_count()}; "
+                            "run at most as many processes per node as GPUs (--nproc-per-node)")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
+    try:
+        yield rank, world
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_gradients(model):
+    """Sum the LoRA gradients over the processes, so that every one takes the same AdamW step. By hand rather
+    than through DDP: at rank 1 they are a few kB, and nothing else of the model changes."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.all_reduce(p.grad)
+
+
+def gather(obj):
+    """Every process's obj, in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
