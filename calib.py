@@ -114,7 +114,8 @@ def is_abstention(answer):
 def equivalent(a, b):
     """Do two answers (normalized, non-empty) mean the same? Here: they are the same string. A semantic version
     (Kuhn et al. 2023, semantic entropy) asks an NLI model whether each answer entails the other in the context
-    of the question; it would need the question passed down to here, and a model call per pair it compares."""
+    of the question: it would need the question and the answers as the model wrote them (not normalized)
+    passed down to here, and a model call per pair it compares."""
     return a == b
 
 
@@ -123,11 +124,17 @@ def cluster_keys(answers):
     first answer it is equivalent to, or starts a new one (the greedy clustering of the semantic-entropy
     papers). A missing answer, or one that normalizes to nothing ("?", "the"), is None, its own cluster: failing
     to answer is not agreeing with anything."""
-    first, keys = [], []
+    first, keys = [], []   # first[k]: the first answer of cluster k
     for answer in answers:
         text = normalize(answer) if answer is not None else ""
-        k = next((k for k, other in enumerate(first) if equivalent(text, other)), len(first)) if text else None
-        if k == len(first):
+        if not text:
+            keys.append(None)
+            continue
+        for k, other in enumerate(first):
+            if equivalent(text, other):
+                break
+        else:
+            k = len(first)
             first.append(text)
         keys.append(k)
     return keys

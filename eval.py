@@ -14,7 +14,6 @@ import re
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import calib
@@ -22,7 +21,7 @@ import cli
 import data
 import lora
 from model import ChatTokenizer, UserError, load_model, model_id
-from parallel import distributed, gather
+from parallel import distributed, gather, rank_and_world
 from rollout import check_length, generate, seed_of
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
@@ -102,7 +101,7 @@ def answer_all(model, tok, questions, args, label):
     """Greedy responses to every question (and N sampled ones with --rollouts), one record per question. Under
     torchrun each process answers every K-th batch, the very batches one process would form (so the same
     numbers), and all get the records back in order; question j's samples are seeded by (seed, j)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     starts = range(0, len(questions), args.batch)[rank::world]
     mine = []
     for i in tqdm(starts, desc=f"eval {label}", unit="batch", disable=rank > 0):

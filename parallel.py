@@ -46,6 +46,11 @@ def all_reduce_gradients(model):
                 dist.all_reduce(p.grad)
 
 
+def rank_and_world():
+    """(this process's rank, the number of processes); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def gather(obj):
     """Every process's obj, in rank order (a list of one without torchrun)."""
     if not dist.is_initialized():

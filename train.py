@@ -15,10 +15,13 @@ How this departs from full policy-gradient machinery, on purpose:
     the exact REINFORCE gradient with no length bias; the constant denominator only sets the scale;
   - every generated token is in the loss, the stop token included, so the model learns when to stop.
 
-Flags that depart from the paper's estimator (its choice is each one's default):
+Flags that depart from the paper's estimator (its choice is each one's default, but for --is-cap):
+  --is-cap C                 each token's term weighted by min(p_learn / p_sample, C) (importance_weight); on by
+                             default (C = 2) because it is 1 whenever sampler and learner agree, as they do here;
   --credit confidence        on an unlabeled question the advantage lands on the confidence statement only: the
                              stability reward depends on nothing else, and crediting the answer tokens with it
-                             moves the answers for no reason (the README says what each gave on the tiny model);
+                             moves the answers for no reason (docs/results.md says what each gave on the tiny
+                             model);
   --stability-target platt   the unlabeled target is P(correct | s), fitted to the labeled rollouts so far;
   --stability-target cluster each rollout's own target: the share of the N answers in its answer's cluster;
   --correct-weight W         RLCR's correctness bonus on labeled questions;
@@ -248,12 +251,12 @@ def resume_hint(args, step):
 def append_line(path, line):
     """Append one log line, all of it or none: a write that fails (a full disk) is cut back off, so the log
     never ends in half a line. A kill in the middle of the write can still tear it; resuming drops that."""
-    data = line.encode()
+    payload = line.encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         try:
-            if os.write(fd, data) != len(data):
+            if os.write(fd, payload) != len(payload):
                 raise OSError(errno.ENOSPC, f"only part of a line could be written to {path}")
         except BaseException:
             os.ftruncate(fd, size)
@@ -416,13 +419,15 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
                                          args.temperature)
         sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor(
             [x for i in rows for x in out[i].logprobs], device=logp.device))   # log p_sample, as the sampler saw it
-        weight = importance_weight(logp, sampled, mask, args.is_cap)
+        log_ratio = (logp.detach() - sampled) * mask                            # log p_learn - log p_sample
+        weight = importance_weight(log_ratio, args.is_cap)
         credited = credited_tokens(mask, [starts[i] if starts else 0 for i in rows])
         adv = torch.tensor([advantages[i] for i in rows], device=logp.device)
-        loss = -(adv[:, None] * weight * logp * credited).sum() / norm   # -A_i log p(y_it), summed
+        # the paper's -A_i log p(y_it), times the two departures (both 1 by default: weight on-policy, every token)
+        loss = -(adv[:, None] * weight * logp * credited).sum() / norm
         loss.backward()
         total += loss.item()
-        mismatch += ((logp.detach() - sampled) * mask).abs().sum().item()
+        mismatch += log_ratio.abs().sum().item()
         tokens += int(mask.sum())
     all_reduce_gradients(model)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
@@ -432,13 +437,13 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
     return total, mismatch, tokens
 
 
-def importance_weight(logp, sampled, mask, cap):
+def importance_weight(log_ratio, cap):
     """--is-cap C (a departure, on by default): each token's term is weighted by w = min(p_learn / p_sample, C),
     held constant (the truncated importance weight, "TIS", Yao et al. 2025). p_sample is the probability the
     sampler recorded, p_learn the learner's own at the same temperature. They are one policy here: equal up to
     ~1e-5 nats in fp32, within bf16's own noise in bf16, so w is 1 and this is plain on-policy REINFORCE; w
     corrects what mismatch remains (policy_mismatch in the log shows how much). C = 0: no weight."""
-    return ((logp.detach() - sampled) * mask).exp().clamp(max=cap) if cap else 1.0
+    return log_ratio.exp().clamp(max=cap) if cap else 1.0
 
 
 def credited_tokens(mask, starts):
@@ -539,6 +544,8 @@ def build(args):
 
 
 def train(args, rank=0, world=1):
+    """The run: everything checked before the folder is made, then the steps, each one its questions, this
+    process's share of them, train_step, the log line, and now and then a checkpoint."""
     config = run_config(args)
     state = check_run(args, config, rank)
     pool = training_pool(args)
@@ -548,7 +555,7 @@ def train(args, rank=0, world=1):
     model, tok, optimizer = build(args)
     check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens,
                  [q["question"] for q in pool])
-    start, calibration = resume(model, optimizer, state, args)
+    start, calibration = restore(model, optimizer, state, args)
     write_config(args, config, rank)   # everything is checked: from here on the run folder exists
     log_file = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
@@ -557,6 +564,7 @@ def train(args, rank=0, world=1):
             print(f"note: --ckpt {args.ckpt} exists; this run replaces it when it finishes", flush=True)
     end = max(start, min(total_steps, args.max_steps or total_steps))
 
+    target = stability_target(args, calibration)   # refit() updates calibration in place
     bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step", disable=rank > 0)
     saved = start   # the step of the last checkpoint
     try:
@@ -565,15 +573,8 @@ def train(args, rank=0, world=1):
             mine = batch[rank::world]   # this process's share of the step's questions
             mix = mix_at(args, step, total_steps)
             labeled = reward.labeled_draw(len(pool), mix, args.seed)
-            try:
-                share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine,
-                                   [bool(labeled[i]) for i in mine], args, step, len(batch),
-                                   stability_target(args, calibration))
-            except FloatingPointError as e:   # nothing of this step is written: the checkpoints stay finite
-                cause = ("A learning rate too high is the usual cause: try a lower --lr in a new --out" if step
-                         else "No update has happened yet: the base model or --temperature gives them")
-                raise UserError(f"step {step}: {e}; nothing of it was written ({args.out} holds the run up to "
-                                f"step {saved}). {cause}") from None
+            share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
+                               args, step, len(batch), target)
             shares = gather(share)
             if args.stability_target == "platt":
                 refit(calibration, shares)
@@ -588,6 +589,11 @@ def train(args, rank=0, world=1):
             saved = done if checkpoint_now else saved
     except KeyboardInterrupt:
         raise KeyboardInterrupt(resume_hint(args, saved)) from None
+    except FloatingPointError as e:   # raised before the step's update: nothing of it is written
+        cause = ("A learning rate too high is the usual cause: try a lower --lr in a new --out" if step
+                 else "No update has happened yet: the base model or --temperature gives them")
+        raise UserError(f"step {step}: {e}; nothing of it was written ({args.out} holds the run up to step "
+                        f"{saved}). {cause}") from None
     except OSError as e:   # a full disk, a folder gone: what was written before stays whole
         raise UserError(f"cannot write to {args.out} ({e.strerror or e}); {resume_hint(args, saved)}") from None
     bar.close()
@@ -615,7 +621,7 @@ def step_questions(args, n_pool, step, steps_per_epoch):
     return epoch, order[k * args.batch:(k + 1) * args.batch]
 
 
-def resume(model, optimizer, state, args):
+def restore(model, optimizer, state, args):
     """(the step to start at, the calibrated stability target's data): from the resume state, or fresh."""
     if state is None:
         return 0, reward.StabilityCalibration()
