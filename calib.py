@@ -28,9 +28,22 @@ Question: {question}""")
 
 PROMPTS = {"default": PROMPT, "calibrated": CALIBRATED_PROMPT}
 
+# Asking a question several ways (train.py --paraphrase-source self): one instruction per paraphrase, each
+# answered greedily by the base model, so that the k - 1 paraphrases differ.
+PARAPHRASE_PROMPTS = (
+    "Rephrase this question with other words, keeping its meaning. Reply with the new question only.",
+    "Ask the same question in a different way, starting with a different word. Reply with the question only.",
+    "Reword this question as a quiz host would ask it. Reply with the reworded question only.",
+)
+
 
 def messages(question, prompt="default"):
     return [{"role": "user", "content": PROMPTS[prompt].format(question=question)}]
+
+
+def paraphrase_messages(question, j):
+    """The j-th rephrasing request for a question."""
+    return [{"role": "user", "content": f"{PARAPHRASE_PROMPTS[j]}\n\nQuestion: {question}"}]
 
 
 # ----------------------------------------------------------------------------------------------------------

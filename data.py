@@ -25,6 +25,14 @@ def load_questions(dataset, split):
     return read_jsonl(dataset)
 
 
+def phrasings(question, k):
+    """k ways to ask a question: the question itself, then its `paraphrases` (the tiny world's question files
+    carry three; train.py --paraphrase-source self writes them for any other file). A question with fewer than
+    k phrasings asks the ones it has in turn, so that each of the k slots exists."""
+    ways = [question["question"]] + list(question.get("paraphrases", []))
+    return [ways[j % len(ways)] for j in range(k)]
+
+
 def read_jsonl(path):
     """The questions of a JSONL file: one object per line, UTF-8 (with or without a byte-order mark) or UTF-16
     with one (what some Windows editors write). Anything else is one line naming the file and what is wrong."""
@@ -101,3 +109,15 @@ def read_records(path):
                 raise UserError(f"{path}, line {number} is not JSON; is it a file train.py or eval.py wrote? Remove "
                                 "that line, or the file") from None
     return records
+
+
+def read_json_object(path):
+    """A JSON object that train.py wrote (paraphrases.json); one line naming the file when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); remove it to have it written again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} should hold a JSON object; remove it to have it written again")
+    return value

@@ -35,8 +35,10 @@ TABLE = ["accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "auro
          "abstention_rate", "alternative_rate"]
 GROUPED = ["auroc_within_group", "auroc_group_base_rate"]                       # with --group-by
 SAMPLED = ["mean_stability", "r_stability_correct", "r_confidence_correct", "auroc_stability",
-           "stability_auroc_within_group"]                                      # with --rollouts
-GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "auroc_stability"]   # per group
+           "stability_auroc_within_group", "mean_stability_paraphrased", "r_stability_paraphrased_correct",
+           "auroc_stability_paraphrased"]                                       # with --rollouts (--paraphrases)
+GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "mean_stability", "auroc_stability",
+               "mean_stability_paraphrased", "auroc_stability_paraphrased"]   # per group
 
 
 def parse_args(argv=None):
@@ -53,6 +55,9 @@ def parse_args(argv=None):
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
     p.add_argument("--rollouts", type=cli.natural, default=0,
                    help="also sample N answers per question: stability and its correlation with correctness")
+    p.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
+                   help="with --rollouts N, also sample N answers spread over K phrasings of each question (the "
+                        "question file's `paraphrases`): stability over them, beside the one-phrasing figures")
     p.add_argument("--group-by", metavar="FIELD",
                    help="a field of the question file (the tiny world's: kind, fame): the figures per group, the "
                         "AUROC within groups, and the AUROC of the per-group accuracy as the confidence")
@@ -71,6 +76,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rollouts == 1:
         p.error("--rollouts must be 0 (none) or at least 2: stability compares answers")
+    if args.paraphrases > 1 and (not args.rollouts or args.rollouts % args.paraphrases):
+        p.error(f"--paraphrases {args.paraphrases} spreads --rollouts over the phrasings: give --rollouts a "
+                "multiple of it")
     cli.check_writable(args.out, "--out", folder=True)
     if args.json:
         cli.check_writable(args.json, "--json")
@@ -110,16 +118,23 @@ def answer_all(model, tok, questions, args, label):
         greedy = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0)
         samples = (generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
                             seeds=[seed_of(args.seed, i + j) for j in range(len(batch))]) if args.rollouts else [])
+        k = args.paraphrases   # the same N answers again, N / k to each of k phrasings
+        asked = [tok.chat(calib.messages(text, args.prompt)) for q in batch for text in data.phrasings(q, k)]
+        spread = (generate(model, tok, asked, n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
+                           seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)])
+                  if k > 1 else [])
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
             sampled = [calib.parse(c.text)[0] for c in samples[j * args.rollouts:(j + 1) * args.rollouts]]
+            paraphrased = [calib.parse(c.text)[0] for c in spread[j * args.rollouts:(j + 1) * args.rollouts]]
             records.append({**q, "response": out.text,
                             "answer": answer, "confidence": confidence,
                             "correct": calib.is_correct(answer, q["answers"]),
                             "abstained": calib.is_abstention(answer),
                             "alternative": bool(ALTERNATIVE.search(out.text)),
-                            "stability": calib.stability(sampled) if sampled else None})
+                            "stability": calib.stability(sampled) if sampled else None,
+                            **({"stability_paraphrased": calib.stability(paraphrased)} if paraphrased else {})})
         mine.append((i, records))
     return [r for _, records in sorted(x for share in gather(mine) for x in share) for r in records]
 
@@ -158,6 +173,11 @@ def figures(records, args):
         if args.group_by:
             result["stability_auroc_within_group"] = calib.grouped_auroc(
                 stability, correct, [r[args.group_by] for r in records])[0]
+    if getattr(args, "paraphrases", 1) > 1:
+        stability = [r["stability_paraphrased"] for r in records]
+        result["mean_stability_paraphrased"] = float(np.mean(stability))
+        result["r_stability_paraphrased_correct"] = calib.pearson(stability, correct)
+        result["auroc_stability_paraphrased"] = calib.auroc(stability, correct)
     return result
 
 
@@ -260,7 +280,8 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.plot_log:
-        runs = {os.path.basename(os.path.dirname(os.path.abspath(log))): data.read_records(log) for log in args.plot_log}
+        runs = {os.path.basename(os.path.dirname(os.path.abspath(log))): data.read_records(log)
+                for log in args.plot_log}
         plot_logs(runs, os.path.join(args.out, "training.png"))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
@@ -280,6 +301,9 @@ def evaluate(args, rank=0):
     if not pool:
         raise UserError(f"{args.dataset} holds no evaluation questions")
     questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]
+    if args.paraphrases > 1 and any(not q.get("paraphrases") for q in questions):
+        raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no `paraphrases` "
+                        "field (the tiny world's have three)")
     if args.group_by and any(args.group_by not in q for q in questions):
         raise UserError(f"--group-by {args.group_by}: the questions of {args.dataset} have no field "
                         f"{args.group_by!r} (they have: {', '.join(sorted(questions[0]))})")

@@ -14,6 +14,8 @@ Grids:
   curriculum  a labeled share moving 1 -> 0 or 0 -> 1 over training (--mix-schedule) beside a constant 0.5
   knowledge   run C with the flags that depart from the paper: confidence-only credit, calibrated or
               per-rollout stability targets
+  paraphrase  run C and stability alone (mix 0), each asking every question one way or four (--paraphrases 4;
+              the question file must carry paraphrases, as the tiny world's does)
 
 Every condition trains in RUNS/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors;
 RUNS is --runs, by default --out) and is evaluated greedily on the held-out set in RUNS/<condition>-seed<k>/eval/
@@ -62,6 +64,8 @@ class Condition:
 SCARCE, ABUNDANT = ("--data", "1600", "--epochs", "2"), ("--data", "5000", "--epochs", "1")
 A, B, C = ("--data", "1600", "--epochs", "1", "--mix", "1"), (*SCARCE, "--mix", "1"), (*SCARCE, "--mix", "0.5")
 BONUS = ("--correct-weight", "1")   # the RLCR-style correctness term
+ASKED = ("--rollouts", "8", "--paraphrases", "4", "--group-by", "fame")   # the last --group-by is the one taken
+FAMES = ("famous", "obscure", "rare", "unwritten")   # the tiny world's
 CONDITIONS = {
     "untrained": Condition(eval=("--rollouts", "8")),   # 8 sampled answers per question: the sanity check
     "prompted": Condition(eval=("--prompt", "calibrated")),
@@ -84,6 +88,12 @@ CONDITIONS = {
     "C-platt": Condition(train=(*C, "--stability-target", "platt")),
     "C-cluster": Condition(train=(*C, "--credit", "confidence", "--stability-target", "cluster")),
     "mixed-5000-platt": Condition(train=(*ABUNDANT, "--mix", "0.5", "--stability-target", "platt")),
+    # asking each question 4 ways: every evaluation measures stability over one phrasing and over four, by fame
+    "untrained-asked": Condition(eval=ASKED),
+    "C-k1": Condition(train=C, eval=ASKED),
+    "C-k4": Condition(train=(*C, "--paraphrases", "4"), eval=ASKED),
+    "mix-0-k1": Condition(train=(*SCARCE, "--mix", "0"), eval=ASKED),
+    "mix-0-k4": Condition(train=(*SCARCE, "--mix", "0", "--paraphrases", "4"), eval=ASKED),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,6 +127,15 @@ GRIDS = {
                ("B", "B: 100% Brier, 2 epochs", {"accuracy": 0.315, "calibration_gap": 0.057}),
                ("C", "C: 50% Brier + 50% stability, 2 epochs", {"accuracy": 0.436, "calibration_gap": 0.114})),
               "The paper: B collapses (accuracy 49.7% -> 31.5%); C, with stability mixed in, does not."),
+        Table("How confidence and abstention change (the paper's summary)",
+              ("confidence_when_correct", "confidence_when_wrong", "abstention_rate", "accuracy"),
+              (("untrained", "untrained", {}), ("A", "A: 100% Brier, 1 epoch", {}),
+               ("B", "B: 100% Brier, 2 epochs", {}), ("C", "C: 50% Brier + 50% stability, 2 epochs", {})),
+              "The paper: untrained 95-98% confident when right and 85-95% when wrong; trained 80-90% and 60-70%, "
+              "abstaining when uncertain sometimes. Brier alone pays a surely wrong answer stated at 0% (an "
+              "abstention, most naturally) its maximum reward; the stability reward pays a consistent abstention "
+              "at 0% nothing (its answers agree: s = 1). The claims below test whether B learns to abstain and "
+              "whether C does less."),
         Table("Prompting as a baseline", ("calibration_gap", "gap_reduction", "accuracy", "parse_failure_rate"),
               (("untrained", "untrained", {"calibration_gap": 0.485}),
                ("prompted", "calibration prompt", {"calibration_gap": 0.351, "gap_reduction": 0.27}),
@@ -159,6 +178,23 @@ GRIDS = {
               "a 100% stability run has none (train.py refuses --stability-target platt with --mix 0), and the "
               "50/50 run carries it instead."),
     ],
+    "paraphrase": [
+        Table("Asking each question four ways (--paraphrases 4): run C and stability alone, 1,600 questions, "
+              "2 epochs", ("accuracy", "calibration_gap", "ece", "auroc", "auroc_stability",
+                           "auroc_stability_paraphrased"),
+              (("untrained-asked", "untrained", {}),
+               ("C-k1", "C: mix 0.5, one phrasing (the paper's)", {}), ("C-k4", "C: mix 0.5, four phrasings", {}),
+               ("mix-0-k1", "mix 0: stability alone, one phrasing", {}),
+               ("mix-0-k4", "mix 0: stability alone, four phrasings", {})),
+              "Every row is evaluated the same way: greedy answers to the question as it is, and 8 sampled answers "
+              "twice, to the question alone (stability's AUROC) and spread over its four phrasings (the last "
+              "column). Training with four phrasings computes the unlabeled target over all 8 answers."),
+        Table("By fame: mean stability over one phrasing and over four, and mean stated confidence",
+              tuple(f"{fame}/{key}" for fame in FAMES
+                    for key in ("mean_stability", "mean_stability_paraphrased", "mean_confidence")),
+              (("untrained-asked", "untrained", {}), ("C-k1", "C, one phrasing", {}), ("C-k4", "C, four phrasings", {}),
+               ("mix-0-k1", "mix 0, one phrasing", {}), ("mix-0-k4", "mix 0, four phrasings", {}))),
+    ],
     "curriculum": [
         Table("Curriculum: the labeled share moves linearly over training (1,600 questions, 2 epochs)", TRAINED,
               (("untrained", "untrained", {}),
@@ -192,6 +228,8 @@ CLAIMS = {
         Claim("Pure Brier collapses on scarce data in its second epoch (accuracy 49.7% -> 31.5%)",
               "accuracy", "A", "B"),
         Claim("The 50/50 mix keeps more accuracy than pure Brier there (43.6% against 31.5%)", "accuracy", "C", "B"),
+        Claim("Mechanism (ours): pure Brier learns to abstain in its second epoch", "abstention_rate", "B", "A"),
+        Claim("Mechanism (ours): stability in the mix keeps abstention down", "abstention_rate", "B", "C"),
         Claim("Stability alone does not converge: its calibration gap keeps moving (5,000 questions)",
               "oscillation", "stability-5000", "mixed-5000"),
         Claim("Training beats the calibration prompt (gap +35.1% prompted, +11.7% trained)", "calibration_gap",
@@ -451,12 +489,17 @@ def run_grid(args):
 # ----------------------------------------------------------------------------------------------------------
 # The report: the paper's figures beside ours, training curves, reliability diagrams.
 
-PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "parse_failure_rate"}
+PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "parse_failure_rate", "confidence_when_correct",
+           "confidence_when_wrong", "abstention_rate", "mean_confidence"}
 SIGNED = {"calibration_gap"}
 NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": "AUROC", "ece": "ECE",
          "auroc_within_group": "AUROC within kind", "auroc_group_base_rate": "AUROC of per-kind accuracy",
          "r_stability_correct": "r(stability, correct)", "r_confidence_correct": "r(confidence, correct)",
-         "gap_reduction": "gap reduction from untrained", "parse_failure_rate": "parse failures"}
+         "gap_reduction": "gap reduction from untrained", "parse_failure_rate": "parse failures",
+         "confidence_when_correct": "confidence when right", "confidence_when_wrong": "confidence when wrong",
+         "abstention_rate": "abstention", "mean_confidence": "mean confidence", "mean_stability": "stability",
+         "mean_stability_paraphrased": "stability over 4 phrasings", "auroc_stability": "stability's AUROC",
+         "auroc_stability_paraphrased": "stability's AUROC over 4 phrasings"}
 
 
 def fmt(value, column):
@@ -474,7 +517,7 @@ def cell(name, column, args, results):
         base = results["untrained", 0]["calibration_gap"]
         values = [1 - r["calibration_gap"] / base for r in runs]
     else:
-        values = [r.get(column, float("nan")) for r in runs]   # within-kind figures: the tiny world only
+        values = [figure_of(r, column) for r in runs]
     if len(values) > 1:
         return f"{fmt(np.mean(values), column)} ± {fmt(np.std(values, ddof=1), column).lstrip('+')}"
     ci = runs[0]["ci"].get(column)
@@ -483,13 +526,27 @@ def cell(name, column, args, results):
     return f"{fmt(values[0], column)} [{fmt(ci[0], column)}, {fmt(ci[1], column)}]"
 
 
+def figure_of(result, column):
+    """A figure of eval.py's metrics.json: a top-level one, or GROUP/KEY from its per-group table (--group-by);
+    NaN where the evaluation has none (the within-kind figures off the tiny world)."""
+    if "/" in column:
+        group, column = column.split("/")
+        result = result.get("groups", {}).get(group, {})
+    return result.get(column, float("nan"))
+
+
+def name_of(column):
+    group, _, key = column.rpartition("/")
+    return NAMES[key] + (f", {group}" if group else "")
+
+
 def table_markdown(table, args, results):
     """Our figures beside the paper's, for the columns the paper reports; ours alone for the others. Columns no
     result has (the within-kind AUROCs off the tiny world) are left out."""
-    columns = [c for c in table.columns if c == "gap_reduction"
-               or any(c in results[name, s] for name, _, _ in table.rows for s in seeds_of(name, args))]
+    columns = [c for c in table.columns if c == "gap_reduction" or any(
+        not np.isnan(figure_of(results[name, s], c)) for name, _, _ in table.rows for s in seeds_of(name, args))]
     paper_has = {c: any(c in paper for _, _, paper in table.rows) for c in columns}
-    header = ["condition"] + [f"{NAMES[c]}: {who}" for c in columns
+    header = ["condition"] + [f"{name_of(c)}: {who}" for c in columns
                               for who in (("paper", "ours") if paper_has[c] else ("ours",))]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label, paper in table.rows:

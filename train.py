@@ -117,6 +117,12 @@ def parser():
     g.add_argument("--correct-weight", type=cli.non_negative, default=0.0,
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
     g.add_argument("--rollouts", type=cli.count, default=8, help="answers sampled per question (N, at least 2)")
+    g.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
+                   help="ask each question K ways, N / K rollouts each, and measure its stability over all N "
+                        "answers (1: the question as it is, the paper's)")
+    g.add_argument("--paraphrase-source", choices=["file", "self"], default="file",
+                   help="where the other K - 1 phrasings come from: the question file's `paraphrases` field, or "
+                        "the base model itself, asked to rephrase each question once (greedy; cached in --out)")
     g.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
     g.add_argument("--temperature", type=cli.positive, default=1.0,
                    help="sampling temperature of the rollouts (the learner's log-probs use it too)")
@@ -153,6 +159,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rollouts < 2:
         p.error("--rollouts must be at least 2: stability compares answers")
+    if args.rollouts % args.paraphrases:
+        p.error(f"--rollouts {args.rollouts} does not divide among --paraphrases {args.paraphrases}; use a multiple")
+    if args.paraphrase_source == "self" and args.paraphrases - 1 > len(calib.PARAPHRASE_PROMPTS):
+        p.error(f"--paraphrase-source self writes at most {len(calib.PARAPHRASE_PROMPTS)} paraphrases: "
+                f"--paraphrases {len(calib.PARAPHRASE_PROMPTS) + 1} at most")
     if args.stability_target == "platt" and max(args.mix_schedule or (args.mix,)) == 0:
         p.error("--stability-target platt fits P(correct | s) to labeled questions: it needs --mix above 0")
     if args.lr is None:
@@ -280,15 +291,65 @@ def keep_metrics_until(path, step):
 def rollouts(model, tok, questions, ids, args, step):
     """The prompts, and N sampled answers to each question from the current policy (prompt-major). A question's
     answers are drawn from a generator seeded by (seed, step, its index in the pool): the same whatever the
-    batch or process it is sampled in."""
-    prompts = [tok.chat(calib.messages(q["question"])) for q in questions]
+    batch or process it is sampled in. With --paraphrases K each question is asked K ways, N / K answers to
+    each: K prompts a question, and its N answers still together."""
+    k = args.paraphrases
+    prompts = [tok.chat(calib.messages(text)) for q in questions for text in data.phrasings(q, k)]
+    seeds = [seed_of(args.seed, step, i) for i in ids] if k == 1 else \
+        [seed_of(args.seed, step, i, j) for i in ids for j in range(k)]
     lora.merge(model)   # fp32: one matmul per layer while sampling; bf16 keeps W x + s B A x, as learning does
     try:
-        out = generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, seeds=[seed_of(args.seed, step, i) for i in ids])
+        out = generate(model, tok, prompts, n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seeds=seeds)
     finally:
         lora.unmerge(model)
     return prompts, out
+
+
+def self_paraphrases(model, tok, questions, k, batch=64):
+    """k - 1 other phrasings of each question, written by the model before any training (its LoRA is still
+    zero): its greedy answer to each of calib.PARAPHRASE_PROMPTS. One that is empty, or the question again (or
+    an earlier paraphrase) after normalization, is dropped. Returns ({question: [paraphrases]}, dropped)."""
+    texts = list(dict.fromkeys(q["question"] for q in questions))
+    prompts = [tok.chat(calib.paraphrase_messages(text, j)) for text in texts for j in range(k - 1)]
+    out = [c for i in range(0, len(prompts), batch)
+           for c in generate(model, tok, prompts[i:i + batch], max_new_tokens=64, temperature=0)]
+    result, dropped = {}, 0
+    for n, text in enumerate(texts):
+        kept = []
+        for c in out[n * (k - 1):(n + 1) * (k - 1)]:
+            lines = c.text.strip().splitlines()
+            candidate = lines[0].removeprefix("Question:").strip() if lines else ""
+            if not calib.normalize(candidate) or calib.normalize(candidate) in map(calib.normalize, [text, *kept]):
+                dropped += 1
+            else:
+                kept.append(candidate)
+        result[text] = kept
+    return result, dropped
+
+
+def with_paraphrases(model, tok, pool, args, rank):
+    """The pool with the phrasings --paraphrases asks for: the file's, or (--paraphrase-source self) the ones in
+    OUT/paraphrases.json, written by rank 0 at the run's start and read back on resume and by every process."""
+    if args.paraphrases == 1:
+        return pool
+    if args.paraphrase_source == "file":
+        if any(not q.get("paraphrases") for q in pool):
+            raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no "
+                            "`paraphrases` field; pass --paraphrase-source self to have the model write them")
+        return pool
+    cache = os.path.join(args.out, "paraphrases.json")
+    if rank == 0 and os.path.exists(cache):
+        written = data.read_json_object(cache)
+    elif rank == 0:
+        written, dropped = self_paraphrases(model, tok, pool, args.paraphrases)
+        print(f"paraphrases: the model wrote {sum(map(len, written.values()))} for {len(written)} questions; "
+              f"{dropped} dropped (empty, or the question again)", flush=True)
+    written = gather(written if rank == 0 else None)[0]   # every process asks the same ways
+    missing = [q["question"] for q in pool if q["question"] not in written]
+    if missing:
+        raise UserError(f"{cache} has no paraphrases of {missing[0]!r}: it belongs to another run")
+    return [{**q, "paraphrases": written[q["question"]]} for q in pool]
 
 
 def head_logprobs(model, h, tokens, temperature):
@@ -411,7 +472,7 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
     that carries its advantage.
     """
     optimizer.zero_grad(set_to_none=False)   # zeros, not None: a process with nothing to learn still all-reduces
-    n, norm = args.rollouts, n_rollouts * args.max_new_tokens
+    n, norm = len(out) // len(prompts), n_rollouts * args.max_new_tokens   # n: rollouts of each prompt
     total, mismatch, tokens = 0.0, 0.0, 0
     for questions in micro_batches(prompts, [c.ids for c in out], n, args.micro_batch_tokens):
         rows = [q * n + j for q in questions for j in range(n)]   # these questions' rollouts
@@ -553,10 +614,14 @@ def train(args, rank=0, world=1):
     total_steps = steps_per_epoch * args.epochs
     check_shares(args, len(pool), world)
     model, tok, optimizer = build(args)
-    check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens,
-                 [q["question"] for q in pool])
+    pool = with_paraphrases(model, tok, pool, args, rank)   # before restore: the LoRA is still zero
+    texts = [text for q in pool for text in data.phrasings(q, args.paraphrases)]
+    check_length(model, [tok.chat(calib.messages(text)) for text in texts], args.max_new_tokens, texts)
     start, calibration = restore(model, optimizer, state, args)
     write_config(args, config, rank)   # everything is checked: from here on the run folder exists
+    if rank == 0 and args.paraphrase_source == "self" and args.paraphrases > 1:
+        lora.write_atomic(os.path.join(args.out, "paraphrases.json"),
+                          json.dumps({q["question"]: q["paraphrases"] for q in pool}, indent=1))
     log_file = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         keep_metrics_until(log_file, start)

@@ -154,3 +154,29 @@ def test_a_log_torn_by_a_crash_still_plots(tmp_path):
     log.write_text('{"step": 1, "rew\n' + json.dumps({"step": 0}) + "\n")
     with pytest.raises(UserError, match="metrics.jsonl, line 1 is not JSON"):
         data.read_records(str(log))
+
+
+def test_stability_over_several_phrasings_beside_the_one_phrasing_figures(tmp_path, formatted, capsys):
+    model, _ = formatted
+    questions = tmp_path / "q.jsonl"
+    with open(questions, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answers": [str(2 * i)], "kind": i % 2,
+                                "paraphrases": [f"{i} plus {i} is what?"]}) + "\n")
+    out = tmp_path / "e"
+    evaluate.main(["--model", model, "--dataset", str(questions), "--rollouts", "4", "--paraphrases", "2",
+                   "--group-by", "kind", "--max-new-tokens", "12", "--bootstrap", "20", "--out", str(out)])
+    result = json.load(open(out / "metrics.json"))["base"]
+    records = data.read_records(str(out / "responses-base.jsonl"))
+    spread = [r["stability_paraphrased"] for r in records]
+    assert result["mean_stability_paraphrased"] == pytest.approx(np.mean(spread))
+    assert result["auroc_stability_paraphrased"] == pytest.approx(calib.auroc(spread, [r["correct"] for r in records]),
+                                                                  nan_ok=True)
+    assert "mean_stability" in result and spread != [r["stability"] for r in records]   # other samples
+    assert "auroc_stability_paraphrased" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--paraphrases", "2", "--out", str(out)])
+    assert "give --rollouts a multiple of it" in capsys.readouterr().err
+    with pytest.raises(UserError, match="have no `paraphrases` field"):
+        evaluate.main(["--model", model, "--dataset", formatted[1], "--rollouts", "4", "--paraphrases", "2",
+                       "--out", str(out)])

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import experiments
@@ -169,3 +170,21 @@ def test_bad_flags_of_any_run_are_refused_before_the_first_trains(tmp_path, form
     with pytest.raises(experiments.UserError, match="--out .*a-file is a file; it must be a folder"):
         experiments.main(argv(tmp_path, model, questions, "--out", str(tmp_path / "a-file")))
     assert not launched and sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def test_per_group_columns_come_from_the_evaluations_group_table():
+    import argparse
+    result = {"accuracy": 0.5, "ci": {},
+              "groups": {"famous": {"mean_stability": 0.9}, "unwritten": {"mean_stability": 0.4}}}
+    assert experiments.figure_of(result, "famous/mean_stability") == 0.9
+    assert np.isnan(experiments.figure_of(result, "rare/mean_stability"))
+    table = experiments.Table("t", ("accuracy", "famous/mean_stability", "unwritten/mean_stability",
+                                    "rare/mean_stability"), (("untrained", "untrained", {}),))
+    lines = experiments.table_markdown(table, argparse.Namespace(seeds=1), {("untrained", 0): result})
+    assert lines[0] == "| condition | accuracy: ours | stability, famous: ours | stability, unwritten: ours |"
+    assert lines[2] == "| untrained | 50.0% | 0.90 | 0.40 |"
+    # every grid's conditions exist, and the paraphrase grid evaluates all of them the same way
+    assert all(name in experiments.CONDITIONS for tables in experiments.GRIDS.values() for t in tables
+               for name, _, _ in t.rows)
+    rows = {name for t in experiments.GRIDS["paraphrase"] for name, _, _ in t.rows}
+    assert {experiments.CONDITIONS[name].eval for name in rows} == {experiments.ASKED}

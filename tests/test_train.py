@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import write_questions
 
+import calib
 import data
 import lora
 import train
@@ -154,7 +155,7 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
 
 def sampler_learner_mismatch(model, tok, questions, temperature=1.0):
     """policy_mismatch of one step's rollouts: mean |log p_learner - log p_sampler| over the sampled tokens."""
-    args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0)
+    args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0, paraphrases=1)
     prompts, out = train.rollouts(model, tok, questions, range(len(questions)), args, step=0)
     with torch.no_grad():
         logp, mask = train.completion_logprobs(model, prompts, [c.ids for c in out], 4, temperature)
@@ -567,3 +568,71 @@ def test_a_write_that_fails_mid_run_says_where_to_resume(tmp_path, formatted, mo
     with pytest.raises(UserError, match=r"cannot write to .*r \(No space left on device\); the last checkpoint is "
                                         "step 1 in .*r; the same command with --resume continues from it"):
         train.main(small(tmp_path, model, questions, tmp_path / "r"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Asking a question several ways (--paraphrases K).
+
+
+def write_paraphrased(path, n=16):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answers": [str(2 * i)],
+                                "paraphrases": [f"{i} plus {i} is what?", f"Add {i} and {i}."]}) + "\n")
+    return str(path)
+
+
+def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(tmp_path, formatted, monkeypatch):
+    model_dir, _ = formatted
+    model, tok = lora.add_lora(load_model(model_dir)), ChatTokenizer(model_dir)
+    questions = data.read_jsonl(write_paraphrased(tmp_path / "q.jsonl", 2))
+    args = types.SimpleNamespace(paraphrases=2, rollouts=4, max_new_tokens=12, temperature=1.0, seed=0, mix=0.5,
+                                 correct_weight=0.0, credit="all", is_cap=2.0, clip=1.0, micro_batch_tokens=4096)
+    prompts, out = train.rollouts(model, tok, questions, [0, 1], args, step=0)
+    asked = [tok.decode(p).split("Question: ")[1].split("\n")[0] for p in prompts]
+    assert asked == ["What is 0 plus 0?", "0 plus 0 is what?", "What is 1 plus 1?", "1 plus 1 is what?"]
+    assert [c.prompt for c in out] == [0, 0, 1, 1, 2, 2, 3, 3]   # N / K = 2 answers to each phrasing
+    # the learner scores each rollout against the prompt it was sampled from (fp32: the sampler's log-probs)
+    logp, mask = train.completion_logprobs_plain(model, prompts, [c.ids for c in out], 2)
+    for i, c in enumerate(out):
+        assert torch.allclose(logp[i, :len(c.ids)], torch.tensor(c.logprobs), atol=1e-5)
+    # stability and the baseline are the question's, over all N answers of its two phrasings
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    monkeypatch.setattr(train, "rollouts", lambda *a, **k: (prompts, out))
+    share = train.train_step(model, tok, optimizer, questions, [0, 1], [False, True], args, 0, 2)
+    for q, (rewards, parts) in enumerate(share["groups"]):
+        assert parts["stability"] == calib.stability([calib.parse(c.text)[0] for c in out[q * 4:(q + 1) * 4]])
+        assert len(rewards) == 4
+
+
+def test_self_paraphrases_are_written_once_and_reused_on_resume(tmp_path, formatted, monkeypatch, capsys):
+    model, questions = formatted
+    argv = small(tmp_path, model, questions, tmp_path / "r", "--rollouts", "4", "--paraphrases", "2",
+                 "--paraphrase-source", "self")
+    train.main(argv + ["--max-steps", "1"])
+    assert "paraphrases: the model wrote" in capsys.readouterr().out
+    cache = json.load(open(tmp_path / "r" / "paraphrases.json"))
+    assert len(cache) == 8 and all(len(p) <= 1 for p in cache.values())
+
+    def never(*a, **k):
+        raise AssertionError("a resumed run reads its paraphrases back")
+    monkeypatch.setattr(train, "self_paraphrases", never)
+    train.main(argv + ["--resume"])
+    assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
+    monkeypatch.undo()
+    train.main(small(tmp_path, model, questions, tmp_path / "whole", "--rollouts", "4", "--paraphrases", "2",
+                     "--paraphrase-source", "self", ckpt=tmp_path / "w.safetensors"))
+    assert records(tmp_path / "r") == records(tmp_path / "whole")
+
+
+def test_paraphrase_flags_are_checked(tmp_path, formatted, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--rollouts", "8", "--paraphrases", "3"])
+    assert "--rollouts 8 does not divide among --paraphrases 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--rollouts", "10", "--paraphrases", "5", "--paraphrase-source", "self"])
+    assert "writes at most 3 paraphrases" in capsys.readouterr().err
+    model, questions = formatted
+    with pytest.raises(UserError, match="have no `paraphrases` field; pass --paraphrase-source self"):
+        train.main(small(tmp_path, model, questions, tmp_path / "r", "--rollouts", "4", "--paraphrases", "2"))
+    assert not (tmp_path / "r").exists()
