@@ -5,6 +5,7 @@ intervals, reliability diagrams, stability analysis, and side-by-side comparison
     python eval.py --model Qwen/Qwen3-4B-Instruct-2507 # the untrained model
     python eval.py a.safetensors b.safetensors --rollouts 8 --prompt calibrated
     python eval.py --plot-log runs/train/metrics.jsonl # plot a training run
+    python eval.py ckpt.safetensors --ask "In which city was Kavero born?" --answers "Port Avel"
 """
 
 import argparse
@@ -20,6 +21,7 @@ import calib
 import cli
 import data
 import lora
+import reward
 from model import ChatTokenizer, UserError, load_model, model_id
 from parallel import distributed, gather, rank_and_world
 from rollout import check_length, generate, seed_of
@@ -73,9 +75,17 @@ def parse_args(argv=None):
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:K")
     p.add_argument("--plot-log", nargs="+", metavar="LOG", help="plot training logs (metrics.jsonl) and exit")
+    p.add_argument("--ask", metavar="QUESTION",
+                   help="one question under the microscope: the greedy answer, N sampled answers (--rollouts, 8 by "
+                        "default) with their clusters, stability, confidences, rewards and advantages, for the base "
+                        "model and each checkpoint")
+    p.add_argument("--answers", nargs="+", metavar="ANSWER",
+                   help="with --ask: the right answers, to score the samples with the Brier reward as well")
     args = p.parse_args(argv)
     if args.rollouts == 1:
         p.error("--rollouts must be 0 (none) or at least 2: stability compares answers")
+    if args.answers and not args.ask:
+        p.error("--answers scores the question of --ask: give --ask too")
     if args.paraphrases > 1 and (not args.rollouts or args.rollouts % args.paraphrases):
         p.error(f"--paraphrases {args.paraphrases} spreads --rollouts over the phrasings: give --rollouts a "
                 "multiple of it")
@@ -285,8 +295,57 @@ def main(argv=None):
         plot_logs(runs, os.path.join(args.out, "training.png"))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
+    if args.ask:
+        return ask(args)
     with distributed(args) as (rank, _):
         evaluate(args, rank)
+
+
+def ask(args):
+    """--ask: the method on one question. The greedy answer, then N samples: each one's answer, its cluster,
+    stated confidence, the stability reward 1 - (s - c)^2 and its advantage over the N samples, and with
+    --answers its correctness, Brier reward 1 - (correct - c)^2 and that advantage; for the base model, then
+    each checkpoint (before and after training). Writes OUT/ask.json."""
+    n = args.rollouts or 8
+    base = args.model or (lora.read_adapter(args.checkpoints[0])[1]["base_model"] if args.checkpoints else None)
+    answers, shown = args.answers or [], {}
+    for checkpoint in [None, *args.checkpoints]:
+        label = label_of(checkpoint, shown)
+        model, tok = load_system(checkpoint, argparse.Namespace(**{**vars(args), "model": base}))
+        prompt = tok.chat(calib.messages(args.ask, args.prompt))
+        check_length(model, [prompt], args.max_new_tokens, [args.ask])
+        greedy = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, temperature=0)[0]
+        texts = [c.text for c in generate(model, tok, [prompt], n=n, max_new_tokens=args.max_new_tokens,
+                                          seeds=[seed_of(args.seed, 0)])]
+        stability_r, parts = reward.group_rewards(texts, answers, labeled=False)
+        brier_r, _ = reward.group_rewards(texts, answers, labeled=True)
+        rows = [{"answer": calib.parse(t)[0], "cluster": k, "confidence": c, "correct": y,
+                 "stability_reward": rs, "stability_advantage": rs - np.mean(stability_r),
+                 **({"brier_reward": rb, "brier_advantage": rb - np.mean(brier_r)} if answers else {})}
+                for t, k, c, y, rs, rb in zip(texts, calib.cluster_keys([calib.parse(t)[0] for t in texts]),
+                                              parts["confidence"], parts["correct"], stability_r, brier_r)]
+        shown[label] = {"greedy": greedy.text, "stability": parts["stability"], "samples": rows}
+        print_microscope(label, greedy.text, parts["stability"], rows, answers)
+    lora.write_atomic(os.path.join(args.out, "ask.json"), json.dumps({"question": args.ask, "answers": answers,
+                                                                       **shown}, indent=2))
+    print(f"wrote {os.path.join(args.out, 'ask.json')}")
+
+
+def print_microscope(label, greedy, stability, rows, answers):
+    answer, confidence = calib.parse(greedy)
+    said = "no confidence" if confidence is None else f"{confidence:.0%}"
+    verdict = f", {'right' if calib.is_correct(answer, answers) else 'wrong'}" if answers else ""
+    print(f"\n{label}: greedy answer {answer!r} at {said}{verdict}; {len(rows)} samples, stability "
+          f"s = {stability:.3f}")
+    head = f"{'#':>3} {'answer':24s} {'cluster':>7} {'conf':>6} {'R stab':>7} {'A stab':>7}"
+    print(head + (f" {'right':>5} {'R Brier':>7} {'A Brier':>7}" if answers else ""))
+    for i, r in enumerate(rows, 1):
+        conf = "-" if r["confidence"] is None else f"{r['confidence']:.0%}"
+        line = (f"{i:>3} {str(r['answer'])[:24]:24s} {'-' if r['cluster'] is None else r['cluster']:>7} {conf:>6} "
+                f"{r['stability_reward']:>7.3f} {r['stability_advantage']:>+7.3f}")
+        if answers:
+            line += f" {'yes' if r['correct'] else 'no':>5} {r['brier_reward']:>7.3f} {r['brier_advantage']:>+7.3f}"
+        print(line)
 
 
 def evaluate(args, rank=0):

@@ -180,3 +180,27 @@ def test_stability_over_several_phrasings_beside_the_one_phrasing_figures(tmp_pa
     with pytest.raises(UserError, match="have no `paraphrases` field"):
         evaluate.main(["--model", model, "--dataset", formatted[1], "--rollouts", "4", "--paraphrases", "2",
                        "--out", str(out)])
+
+
+def test_one_question_under_the_microscope(tmp_path, tiny_tied, formatted, capsys):
+    model, _ = formatted
+    ckpt = adapter(model, tmp_path / "a.safetensors")
+    evaluate.main([ckpt, "--ask", "What is 3 plus 3?", "--answers", "6", "--rollouts", "6", "--max-new-tokens",
+                   "12", "--out", str(tmp_path / "e")])
+    shown = json.load(open(tmp_path / "e" / "ask.json"))
+    assert shown["question"] == "What is 3 plus 3?" and list(shown)[2:] == ["base", "a"]   # before and after
+    for label in ("base", "a"):
+        rows = shown[label]["samples"]
+        assert len(rows) == 6
+        assert shown[label]["stability"] == pytest.approx(calib.stability([r["answer"] for r in rows]))
+        for kind in ("stability", "brier"):   # advantages are rewards minus the mean of the six
+            assert sum(r[f"{kind}_advantage"] for r in rows) == pytest.approx(0, abs=1e-9)
+        for r in rows:
+            if r["confidence"] is not None and r["answer"] is not None:
+                assert r["brier_reward"] == pytest.approx(1 - (r["correct"] - r["confidence"]) ** 2)
+                assert r["stability_reward"] == pytest.approx(1 - (shown[label]["stability"] - r["confidence"]) ** 2)
+    out = capsys.readouterr().out
+    assert "base: greedy answer" in out and "a: greedy answer" in out and "R Brier" in out
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--answers", "6", "--out", str(tmp_path / "e")])
+    assert "--answers scores the question of --ask" in capsys.readouterr().err
