@@ -4,6 +4,7 @@ B starts at zero, so step 0 is exactly the base model. Adapters are saved as .sa
 names (base_model.model.<module>.lora_A.weight) and the run's metadata, so PEFT loads them too.
 """
 
+import argparse
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
+import cli
 from model import UserError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -111,8 +113,28 @@ def save_adapter(model, path, step, config):
     write_atomic(path, save(adapter_state(model), metadata=meta))
 
 
+def peft_folder_of(path):
+    """Where the PEFT folder of an adapter file goes: beside it, ckpt.safetensors -> ckpt-peft/."""
+    return os.path.splitext(path)[0] + "-peft"
+
+
+def save_peft_folder(folder, tensors, meta):
+    """The adapter in PEFT's folder layout, which PeftModel.from_pretrained(base_model, folder) and vLLM's LoRA
+    serving load: adapter_config.json (a LoraConfig) and adapter_model.safetensors (the same tensors, whose
+    names are PEFT's already, and our metadata, which PEFT ignores and read_adapter reads)."""
+    os.makedirs(folder, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]),
+              "target_modules": json.loads(meta["targets"]), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": meta["base_model"]}
+    write_atomic(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata=meta))
+    write_atomic(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
+
+
 def read_adapter(path):
-    """(tensors, metadata) of a saved adapter; a clear error for a missing or unreadable file."""
+    """(tensors, metadata) of a saved adapter (a file, or a PEFT folder save_peft_folder wrote); a clear error
+    for a missing or unreadable one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -150,3 +172,20 @@ def set_adapter_state(model, tensors):
     for key, value in tensors.items():
         own[key].data.copy_(value)
     return True
+
+
+def main(argv=None):
+    """python lora.py ADAPTER [FOLDER]: write any adapter train.py saved (ckpt.safetensors, a run folder's
+    adapter-NNNNN.safetensors) as a PEFT folder."""
+    p = argparse.ArgumentParser(description=main.__doc__.split(":")[1].strip())
+    p.add_argument("adapter", help="an adapter file train.py wrote")
+    p.add_argument("folder", nargs="?", help="the PEFT folder to write (default: beside it, NAME-peft/)")
+    args = p.parse_args(argv)
+    folder = args.folder or peft_folder_of(args.adapter)
+    cli.check_writable(folder, "FOLDER", folder=True)
+    save_peft_folder(folder, *read_adapter(args.adapter))
+    print(f"wrote {folder}/: PeftModel.from_pretrained(base_model, {folder!r}) loads it")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -170,6 +170,7 @@ def parse_args(argv=None):
         args.lr = TINY_LR if args.model == "tiny" else LR
     cli.check_writable(args.out, "--out", folder=True)
     cli.check_writable(args.ckpt, "--ckpt")
+    cli.check_writable(lora.peft_folder_of(args.ckpt), "--ckpt's PEFT folder", folder=True)
     return args
 
 
@@ -665,7 +666,9 @@ def train(args, rank=0, world=1):
     if rank == 0 and end == total_steps:
         os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
         lora.save_adapter(model, args.ckpt, end, config)
-        print(f"adapter written to {args.ckpt} (run folder: {args.out})")
+        lora.save_peft_folder(lora.peft_folder_of(args.ckpt), *lora.read_adapter(args.ckpt))
+        print(f"adapter written to {args.ckpt} and, for PEFT, {lora.peft_folder_of(args.ckpt)}/ (run folder: "
+              f"{args.out})")
     elif rank == 0:
         print(f"stopped at step {end} of {total_steps}; continue with --resume (run folder: {args.out})")
 

@@ -1,8 +1,11 @@
 """lora.py: step 0 is the base model, merging changes nothing, adapters round-trip and load in PEFT."""
 
+import json
+import os
+
 import pytest
 import torch
-from conftest import hf_model
+from conftest import hf_model, write_questions
 
 import lora
 from model import UserError, load_model
@@ -104,3 +107,26 @@ def test_adapter_errors(tmp_path, tiny_tied, tiny_untied):
     lora.save_adapter(with_random_adapter(tiny_tied), path, 1, {})
     with pytest.raises(UserError, match="was trained on"):
         lora.load_adapter(load_model(tiny_untied), path)
+
+
+def test_peft_folder_loads_in_peft_and_in_eval(tmp_path, tiny_tied):
+    from peft import PeftModel
+    import eval as evaluate
+    model = lora.add_lora(load_model(tiny_tied), rank=2, alpha=4.0, targets=["q_proj", "v_proj", "down_proj"])
+    g = torch.Generator().manual_seed(0)
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.05
+    path = str(tmp_path / "ckpt.safetensors")
+    lora.save_adapter(model, path, step=3, config={})
+    lora.main([path])   # the command: beside it, ckpt-peft/
+    folder = tmp_path / "ckpt-peft"
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft = PeftModel.from_pretrained(hf_model(tiny_tied), str(folder)).eval()
+    with torch.no_grad():
+        ours, theirs = model(IDS), peft(input_ids=IDS).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    again = lora.load_adapter(load_model(tiny_tied), str(folder))   # what eval.py does with a folder
+    assert again["step"] == "3"
+    evaluate.main([str(folder), "--n", "2", "--max-new-tokens", "4", "--bootstrap", "0", "--dataset",
+                   write_questions(tmp_path / "q.jsonl", 2), "--out", str(tmp_path / "e")])
+    assert "ckpt-peft" in json.load(open(tmp_path / "e" / "metrics.json"))
