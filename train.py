@@ -33,6 +33,7 @@ Flags that depart from the paper's estimator (its choice is each one's default, 
 
 import argparse
 import errno
+import importlib.util
 import io
 import json
 import math
@@ -150,6 +151,9 @@ def parser():
     g.add_argument("--save-every", type=cli.count, default=25, help="checkpoint every K steps (and at each epoch end)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--max-steps", type=cli.count, help="stop after this many steps in all (resume later to go on)")
+    g.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also send every log line and the config, as the run goes, to TensorBoard (OUT/tensorboard) "
+                        "or Weights & Biases (WANDB_MODE=offline works without an account)")
     return p
 
 
@@ -169,6 +173,9 @@ def parse_args(argv=None):
     if args.lr is None:
         args.lr = TINY_LR if args.model == "tiny" else LR
     cli.check_writable(args.out, "--out", folder=True)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise UserError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
+                        f"{args.report_to}")
     cli.check_writable(args.ckpt, "--ckpt")
     cli.check_writable(lora.peft_folder_of(args.ckpt), "--ckpt's PEFT folder", folder=True)
     return args
@@ -179,7 +186,7 @@ def parse_args(argv=None):
 # leaves nothing behind: the folder is made only once the flags, the data and the model have all been checked.
 
 # A run folder is the run, wherever it is moved and however its path is spelled: --out may change on resume.
-RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens", "out"}
+RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens", "out", "report_to"}
 
 
 def run_config(args):
@@ -251,6 +258,28 @@ def save_checkpoint(args, model, optimizer, step, config, calibration):
     torch.save({"step": step, "adapter": lora.adapter_state(model), "optimizer": optimizer.state_dict(),
                 "calibration": calibration.pairs}, buffer)
     lora.write_atomic(os.path.join(args.out, "state.pt"), buffer.getvalue())
+
+
+def tracker(args, config):
+    """--report-to: (report(record), close()) that send each log line's figures to TensorBoard or Weights &
+    Biases as the run goes, the run's config once; (None, None) for none. Rank 0 alone reports."""
+    figures = lambda record: {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+        writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))   # as code
+
+        def report(record):
+            for key, value in figures(record).items():
+                writer.add_scalar(key, value, record["step"])
+            writer.flush()
+        return report, writer.close
+    if args.report_to == "wandb":
+        import wandb
+        run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)), dir=args.out,
+                         config=config)
+        return (lambda record: run.log(figures(record), step=record["step"])), run.finish
+    return None, None
 
 
 def resume_hint(args, step):
@@ -620,6 +649,7 @@ def train(args, rank=0, world=1):
     check_length(model, [tok.chat(calib.messages(text)) for text in texts], args.max_new_tokens, texts)
     start, calibration = restore(model, optimizer, state, args)
     write_config(args, config, rank)   # everything is checked: from here on the run folder exists
+    report, close_report = tracker(args, config) if rank == 0 else (None, None)
     if rank == 0 and args.paraphrase_source == "self" and args.paraphrases > 1:
         lora.write_atomic(os.path.join(args.out, "paraphrases.json"),
                           json.dumps({q["question"]: q["paraphrases"] for q in pool}, indent=1))
@@ -650,6 +680,8 @@ def train(args, rank=0, world=1):
             if rank == 0:
                 append_line(log_file, json.dumps(record) + "\n")
                 show(bar, record)
+                if report:
+                    report(record)
                 if checkpoint_now:
                     save_checkpoint(args, model, optimizer, done, config, calibration)
             saved = done if checkpoint_now else saved
@@ -663,6 +695,8 @@ def train(args, rank=0, world=1):
     except OSError as e:   # a full disk, a folder gone: what was written before stays whole
         raise UserError(f"cannot write to {args.out} ({e.strerror or e}); {resume_hint(args, saved)}") from None
     bar.close()
+    if close_report:
+        close_report()
     if rank == 0 and end == total_steps:
         os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
         lora.save_adapter(model, args.ckpt, end, config)

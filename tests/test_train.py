@@ -636,3 +636,21 @@ def test_paraphrase_flags_are_checked(tmp_path, formatted, capsys):
     with pytest.raises(UserError, match="have no `paraphrases` field; pass --paraphrase-source self"):
         train.main(small(tmp_path, model, questions, tmp_path / "r", "--rollouts", "4", "--paraphrases", "2"))
     assert not (tmp_path / "r").exists()
+
+
+def test_report_to_tensorboard_holds_every_logged_figure(tmp_path, formatted, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    model, questions = formatted
+    train.main(small(tmp_path, model, questions, tmp_path / "r", "--report-to", "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    log = records(tmp_path / "r")
+    for key in ("reward", "accuracy", "stability", "loss", "policy_mismatch"):
+        scalars = events.Scalars(key)   # stored as float32
+        assert [e.step for e in scalars] == [r["step"] for r in log]
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
+    assert "config/text_summary" in events.Tags()["tensors"]
+    # a missing package is one line before anything runs, naming it
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
+        train.parse_args(["--report-to", "wandb", "--out", str(tmp_path / "w")])
