@@ -23,13 +23,18 @@ requirements (requirements-bench.txt).
     python bench.py                         # small Qwen3 body, real 151,936-word vocabulary, ~2 min on 2 CPUs
     python bench.py --shape 0.6b --device cuda
     python bench.py --train                 # the tiny model, ours against TRL, ~1 min on 2 CPUs
+    python bench.py --gpu-check             # on a GPU: what it should confirm, into gpu-check.json
 """
 
 import argparse
 import gc
+import json
 import multiprocessing as mp
+import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -364,6 +369,131 @@ def train_bench(args):
     print(f"train_speedup_vs_trl: {medians['TRL'] / medians['ours']:.2f}")
 
 
+def rollout_bench(shape, dtype, device, lora_rank):
+    """The sampling bench: ours and transformers on both workloads, each in its own process. Prints the table
+    and returns its figures."""
+    bandwidth, flops = machine(dtype, device)
+    name = str(dtype).removeprefix("torch.")
+    print(f"machine: {device}, {torch.get_num_threads()} threads; memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"{name} matmul {flops / 1e12:.2f} TFLOP/s")
+    print(f"model: Qwen3 '{shape}' shape, vocab 151936, {name}; {PROMPTS} prompts x {SAMPLES} samples, "
+          f"up to {NEW_TOKENS} new tokens, temperature 1; "
+          + (f"a rank-{lora_rank} LoRA on all 7 projections" if lora_rank else "no LoRA"))
+    ctx = mp.get_context("spawn")
+    results = {}
+    for workload in ("fixed", "rollout"):
+        for side in ("ours", "transformers"):   # one process each: separate peak memory, no shared warm state
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure, args=(side, workload, shape, dtype, device, lora_rank, queue))
+            proc.start()
+            results[side, workload] = r = queue.get()
+            proc.join()
+            print(f"{workload:8s} {side:13s} {r['tokens']:5d} tokens (mean length {r['mean_len']:4.1f}) "
+                  f"in {r['seconds']:6.2f} s = {r['tokens'] / r['seconds']:7.1f} tokens/s; "
+                  f"peak memory {r['peak_mb']:7.0f} MB ({r['peak_mb'] - r['base_mb']:+.0f} MB over the run's start)")
+
+    parts = results["ours", "fixed"]["parts"]
+    rest = parts["total"] - parts["prefill"] - parts["decode"]
+    print(f"where our fixed run's time goes ({parts['total']:.2f} s, timed inside the run): prefill "
+          f"{parts['prefill']:.3f} s; {NEW_TOKENS} decode forwards {parts['decode']:.2f} s; sampling, log-probs "
+          f"and Python {rest:.2f} s, of which sampling alone ~{parts['sampling']:.2f} s")
+    cache_len = max(map(len, build_prompts())) + NEW_TOKENS // 2
+    roof = roofline(shape, cache_len, dtype, bandwidth, flops)
+    step = parts["decode"] / NEW_TOKENS
+    whole = parts["total"] / NEW_TOKENS
+    print(f"roofline of one decode step (batch {PROMPTS * SAMPLES}, cache {cache_len}): {roof * 1e3:.2f} ms; "
+          f"our decode forward takes {step * 1e3:.2f} ms ({roof / step:.0%} of roofline), "
+          f"{whole * 1e3:.2f} ms with sampling and overhead ({roof / whole:.0%})")
+    tps = {f"{side}_{workload}_tokens_per_s": r["tokens"] / r["seconds"] for (side, workload), r in results.items()}
+    figures = {**tps, "decode_roofline_share": roof / step, "step_roofline_share": roof / whole,
+               "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_tflop_s": flops / 1e12,
+               "peak_mb": {f"{side}_{workload}": r["peak_mb"] for (side, workload), r in results.items()},
+               "speedup_fixed": tps["ours_fixed_tokens_per_s"] / tps["transformers_fixed_tokens_per_s"],
+               "speedup_vs_transformers": tps["ours_rollout_tokens_per_s"] / tps["transformers_rollout_tokens_per_s"]}
+    print(f"speedup_fixed: {figures['speedup_fixed']:.2f}")
+    print(f"speedup_vs_transformers: {figures['speedup_vs_transformers']:.2f}")
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GPU check: what the first session lent a GPU runs, in one command.
+
+PROMPT_TOKENS, ESTIMATE_GB = 61, 27   # docs/speed.md: the learning step's peak at the defaults, Qwen3-4B in bf16
+
+
+def learning_step(shape, device, new_tokens=256):
+    """One training step at our defaults (8 questions x 8 rollouts, up to `new_tokens` new tokens, rank-1 LoRA
+    on all 7 projections, bf16) on random weights of `shape`: rollouts that never stop (the longest case),
+    then learn(). Returns seconds for sampling and learning and the peak memory in GB."""
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, **SHAPES[shape])
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen3(cfg).to(dtype).eval()
+    lora.add_lora(model, 1, 2.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
+                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
+    prompts = [torch.randint(0, 151000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(args.batch)]
+    prompts = [[7] * 20 + p[20:] for p in prompts]   # a shared instruction, as real prompts have
+    sync(device)
+    reset_peak(device)
+    t = time.perf_counter()
+    out = generate(model, Vocab([]), prompts, n=args.rollouts, max_new_tokens=new_tokens,
+                   seeds=list(range(len(prompts))))
+    sync(device)
+    sampled = time.perf_counter() - t
+    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
+    t = time.perf_counter()
+    train.learn(model, optimizer, prompts, out, advantages, args, len(out))
+    sync(device)
+    return {"sampling_s": sampled, "learning_s": time.perf_counter() - t,
+            "peak_gb": memory_mb(device, peak=True) / 1024, "tokens": sum(len(c.ids) for c in out)}
+
+
+def timed(command, **kw):
+    """Run a command (a list), return its wall time in seconds; its output goes to the terminal."""
+    t = time.perf_counter()
+    subprocess.run(command, check=True, **kw)
+    return time.perf_counter() - t
+
+
+def gpu_check(out):
+    """--gpu-check: the figures a GPU should confirm, in one command (a few minutes on one GPU), written to
+    `out` as they come: the rollout bench at the Qwen3-4B-Instruct-2507 shape in bf16 (tokens/s against
+    transformers, share of the roofline), one learning step at that shape (seconds, peak memory against the
+    27 GB docs/speed.md estimates), the README's tiny commands on CUDA, and with two GPUs the tiny command in two
+    processes (torchrun, NCCL) against one."""
+    if not torch.cuda.is_available():
+        raise SystemExit("error: --gpu-check needs a CUDA GPU, and this machine has none (torch.cuda.is_available() "
+                         "is False); on a GPU machine install the CUDA build of torch first")
+    figures = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+
+    def record(key, value):
+        figures[key] = value
+        with open(out, "w") as f:
+            json.dump(figures, f, indent=2)
+        print(f"{key}: {json.dumps(value)}", flush=True)
+    record("rollout_bench_4b_bf16", rollout_bench("4b", torch.bfloat16, "cuda", 1))
+    record("learning_step_4b_bf16", {**learning_step("4b", "cuda"), "estimate_gb": ESTIMATE_GB})
+    here, work = os.path.dirname(os.path.abspath(__file__)), tempfile.mkdtemp()
+    tiny = ["--model", "tiny", "--dataset", "tiny", "--data", "1600", "--epochs", "2", "--mix", "0.5",
+            "--device", "cuda"]
+    seconds = timed([sys.executable, os.path.join(here, "train.py"), *tiny, "--out", "one", "--ckpt", "one.st"],
+                    cwd=work)
+    timed([sys.executable, os.path.join(here, "eval.py"), "one.st", "--rollouts", "8", "--device", "cuda", "--out",
+           "eval"], cwd=work)
+    result = json.load(open(os.path.join(work, "eval", "metrics.json")))["one"]
+    record("tiny_readme_command_cuda", {"train_s": seconds, **{k: result[k] for k in (
+        "accuracy", "calibration_gap", "auroc", "ece", "r_stability_correct", "r_confidence_correct")}})
+    if torch.cuda.device_count() >= 2:
+        two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                     os.path.join(here, "train.py"), *tiny, "--out", "two", "--ckpt", "two.st"], cwd=work)
+        record("tiny_two_processes_nccl", {"train_s": two, "one_process_train_s": seconds})
+    print(f"wrote {out}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -378,49 +508,15 @@ def main():
     p.add_argument("--train", action="store_true",
                    help="bench one full training step against TRL's GRPOTrainer instead of rollouts")
     p.add_argument("--model", default="tiny", help="with --train: the model (hub id, local directory or 'tiny')")
+    p.add_argument("--gpu-check", metavar="JSON", nargs="?", const="gpu-check.json",
+                   help="on a GPU: the 4B-shape rollout bench, a 4B-shape learning step, the README's tiny commands "
+                        "on CUDA and (two GPUs) torchrun, their figures written to JSON as they come")
     args = p.parse_args()
+    if args.gpu_check:
+        return gpu_check(args.gpu_check)
     if args.train:
         return train_bench(args)
-    dtype = getattr(torch, args.dtype)
-
-    bandwidth, flops = machine(dtype, args.device)
-    print(f"machine: {args.device}, {torch.get_num_threads()} threads; memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"{args.dtype} matmul {flops / 1e12:.2f} TFLOP/s")
-    print(f"model: Qwen3 '{args.shape}' shape, vocab 151936, {args.dtype}; {PROMPTS} prompts x {SAMPLES} samples, "
-          f"up to {NEW_TOKENS} new tokens, temperature 1; "
-          + (f"a rank-{args.lora_rank} LoRA on all 7 projections" if args.lora_rank else "no LoRA"))
-    ctx = mp.get_context("spawn")
-    results = {}
-    for workload in ("fixed", "rollout"):
-        for side in ("ours", "transformers"):   # one process each: separate peak memory, no shared warm state
-            queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(side, workload, args.shape, dtype, args.device, args.lora_rank,
-                                                     queue))
-            proc.start()
-            results[side, workload] = r = queue.get()
-            proc.join()
-            print(f"{workload:8s} {side:13s} {r['tokens']:5d} tokens (mean length {r['mean_len']:4.1f}) "
-                  f"in {r['seconds']:6.2f} s = {r['tokens'] / r['seconds']:7.1f} tokens/s; "
-                  f"peak memory {r['peak_mb']:7.0f} MB ({r['peak_mb'] - r['base_mb']:+.0f} MB over the run's start)")
-
-    parts = results["ours", "fixed"]["parts"]
-    rest = parts["total"] - parts["prefill"] - parts["decode"]
-    print(f"where our fixed run's time goes ({parts['total']:.2f} s, timed inside the run): prefill "
-          f"{parts['prefill']:.3f} s; {NEW_TOKENS} decode forwards {parts['decode']:.2f} s; sampling, log-probs "
-          f"and Python {rest:.2f} s, of which sampling alone ~{parts['sampling']:.2f} s")
-    cache_len = max(map(len, build_prompts())) + NEW_TOKENS // 2
-    roof = roofline(args.shape, cache_len, dtype, bandwidth, flops)
-    step = parts["decode"] / NEW_TOKENS
-    whole = parts["total"] / NEW_TOKENS
-    print(f"roofline of one decode step (batch {PROMPTS * SAMPLES}, cache {cache_len}): {roof * 1e3:.2f} ms; "
-          f"our decode forward takes {step * 1e3:.2f} ms ({roof / step:.0%} of roofline), "
-          f"{whole * 1e3:.2f} ms with sampling and overhead ({roof / whole:.0%})")
-
-    def tps(side, workload):
-        r = results[side, workload]
-        return r["tokens"] / r["seconds"]
-    print(f"speedup_fixed: {tps('ours', 'fixed') / tps('transformers', 'fixed'):.2f}")
-    print(f"speedup_vs_transformers: {tps('ours', 'rollout') / tps('transformers', 'rollout'):.2f}")
+    rollout_bench(args.shape, getattr(torch, args.dtype), args.device, args.lora_rank)
 
 
 if __name__ == "__main__":
