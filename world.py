@@ -2,21 +2,39 @@
 Qwen3 pretrained on text about it, so the whole method runs offline on a CPU in minutes.
 
 The world: people with made-up one-word names, five facts each (birth city, profession, instrument, birth
-year, pet). Some people are famous, some obscure, some never written about: the facts of a famous person are
-mentioned in the pretraining text 20 to 40 times, an obscure one's 3 to 8 times, an unwritten one's never
-(per epoch: a tiny model needs hundreds of exposures to memorize a fact).
-So the model knows some answers, half-knows others and must guess the rest; sampled answers agree when it
-knows and scatter when it guesses, as with a real model (whose accuracy also follows an entity's popularity).
+year, pet). How often the pretraining text mentions a person's facts is the person's fame (FAME): a famous
+person's 20 to 40 times, an obscure one's 3 to 8, a rare one's once or twice, an unwritten one's never (per
+epoch: a tiny model needs hundreds of exposures to memorize a fact). So the model knows some answers,
+half-knows others and must guess the rest; sampled answers agree when it knows and scatter when it guesses, as
+with a real model (whose accuracy also follows an entity's popularity).
 
 The pretraining text also holds chat-format question-answer examples, in the exact prompt of calib.py, about
-facts that no training or evaluation question asks about. Half state a habitual high confidence (85-95%), half
-(--informed-share) a confidence that follows the person's fame (see stated_confidence).
+facts that no question set asks about: the tiny model's instruct tuning. They give it the repertoire of a real
+instruct model, each for a reason the paper's story needs:
+  - confidence: mostly a habitual high one (85-95%), and a share (--informed-share) that follows the person's
+    fame over the whole range, 95% down to 10%: overconfident and weakly informative untrained, as the
+    paper's Qwen3-4B (r = 0.12), with low confidences in its repertoire for RL to reach;
+  - abstention: a few examples about unwritten people answer "I don't know" at 0-10% (--abstain-share), so
+    that abstaining is something the policy can do, and Brier alone can find it;
+  - instructions: some examples carry the paper's calibration prompt (more often with an informed confidence),
+    some another short instruction, so the prompted baseline keeps the format instead of derailing;
+  - phrasings: every question has four templates (PHRASINGS); chat examples use all four, and the question
+    sets carry the three others as `paraphrases`, for asking a question several ways.
+
+Each parameter is chosen on untrained figures measured on dev.jsonl (never on held-out questions, never on how RL
+turns out). A first candidate (--informed-share 0.35 --abstain-share 0.05, CALIBRATED_INFORMED_SHARE 0.8) started
+at 48% accuracy as wanted, but far too informed (r(confidence, correct) 0.55), too ready to abstain (16%), with
+a gap of only +19, and the calibration prompt calibrated it almost fully (gap +1): greedy decoding amplifies a
+consistent minority answer or confidence far beyond its share. The defaults below move all three levers
+that way. NOTE: the committed tiny/ is still the previous world's, built by this file as it was at commit
+a441079 (`git show a441079:world.py`); this world replaces it once its untrained figures meet their targets.
 
 Writes tiny/: model/ (an ordinary Hugging Face model directory), train.jsonl (the RL training pool),
-validation.jsonl (the held-out evaluation questions), facts.jsonl (every fact with its mention count and
-split, for analysis) and MANIFEST (sha256 of every file). Same seed, same files.
+validation.jsonl (the held-out evaluation questions), dev.jsonl (questions no run uses, on which the world's
+parameters are chosen), facts.jsonl (every fact with its mention count and split, for analysis) and MANIFEST
+(sha256 of every file). Same seed, same files.
 
-    python world.py                  # rebuild tiny/ (about 57 minutes on 2 CPU cores)
+    python world.py                  # rebuild tiny/ (under an hour on 2 CPU cores)
 """
 
 import argparse
@@ -112,6 +130,12 @@ def aliases(attribute, value):
     return out
 
 
+# Fame: (share of the people, mentions of each of their facts per epoch). The shares put the untrained model
+# near the paper's starting accuracy (about 50%): a real half-known group (rare: known about half the time) and
+# more people it must guess about (unwritten: 1 in 8 by chance).
+FAME = {"famous": (0.22, (20, 40)), "obscure": (0.13, (3, 8)), "rare": (0.20, (1, 2)), "unwritten": (0.45, (0, 0))}
+
+
 def make_world(rng, n_people):
     """People with unique made-up names, a fame class each, and their five facts with mention counts."""
     names = set()
@@ -119,43 +143,89 @@ def make_world(rng, n_people):
         names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3, 3]))).capitalize())
     facts = []
     for name in sorted(names):
-        fame = rng.choices(["famous", "obscure", "unwritten"], weights=[0.45, 0.20, 0.35])[0]
+        fame = rng.choices(list(FAME), weights=[share for share, _ in FAME.values()])[0]
         for attribute, (_, _, pool) in ATTRIBUTES.items():
-            mentions = {"famous": rng.randint(20, 40), "obscure": rng.randint(3, 8), "unwritten": 0}[fame]
             facts.append({"name": name, "attribute": attribute, "value": rng.choice(pool), "fame": fame,
-                          "mentions": mentions})
+                          "mentions": rng.randint(*FAME[fame][1])})
     return facts
 
 
-def split_facts(rng, facts, n_eval, n_train):
-    """Disjoint fact sets: evaluation, the RL training pool, and the rest for chat examples in pretraining."""
+def split_facts(rng, facts, n_eval, n_dev, n_train):
+    """Disjoint fact sets: evaluation, development (for choosing the world's parameters), the RL training pool,
+    and the rest for chat examples in pretraining."""
     order = list(range(len(facts)))
     rng.shuffle(order)
+    ends = {"validation": n_eval, "dev": n_eval + n_dev, "train": n_eval + n_dev + n_train}
     for rank, i in enumerate(order):
-        facts[i]["split"] = "validation" if rank < n_eval else "train" if rank < n_eval + n_train else "chat"
+        facts[i]["split"] = next((split for split, end in ends.items() if rank < end), "chat")
+
+
+# Three more ways to ask each question, beside ATTRIBUTES' own: chat examples use all four, and the question sets
+# carry the other three as `paraphrases`.
+PHRASINGS = {
+    "city": ("Where was {name} born?", "What is the birthplace of {name}?", "{name} was born in which city?"),
+    "profession": ("What did {name} do for a living?", "What was the occupation of {name}?",
+                   "{name} worked as what?"),
+    "instrument": ("What instrument did {name} play?", "{name} played which instrument?",
+                   "Which musical instrument was {name} known for?"),
+    "year": ("When was {name} born?", "What was {name}'s year of birth?", "{name} was born in which year?"),
+    "pet": ("Which animal did {name} keep as a pet?", "What pet did {name} have?",
+            "{name}'s pet was what kind of animal?"),
+}
 
 
 def question(fact):
     return ATTRIBUTES[fact["attribute"]][0].format(name=fact["name"])
 
 
-# The confidence a chat example states. Half the time a high habit (85, 90 or 95%) whatever the question or the
-# person; half the time one that follows the person's fame (--informed-share). A habit by kind of question made the
-# untrained model's confidence point the wrong way (it knows some kinds better than others); chat confidences that
-# all followed fame were learned so well that the untrained model was already discriminating (r = 0.70). The
-# paper's untrained Qwen3-4B is overconfident with weakly informative confidence (r = 0.12): this is the same in
-# miniature, with a faint tendency for RL to build on. With one in five informed (0.2) the untrained model's
-# stated confidence ignored fame entirely and RL could not make it follow knowledge, only one number for every
-# question; at 0.5 (the committed tiny/) it follows fame faintly untrained and RL sharpens it (README).
+def paraphrases(fact):
+    return [p.format(name=fact["name"]) for p in PHRASINGS[fact["attribute"]]]
+
+
+# The confidence a chat example states. Mostly a high habit (85, 90 or 95%) whatever the question or the person;
+# a share (--informed-share) follows the person's fame, over the whole range down to 10%. Earlier worlds taught
+# us both ends: a habit by kind of question made the untrained confidence point the wrong way (the model knows
+# some kinds better than others); chat confidences that all followed fame were learned so well that the
+# untrained model already discriminated (r = 0.70); with none of them reaching below 55% the trained model never
+# stated less, however little it knew (ECE stayed about 19).
 HABIT = (85, 90, 95)
-INFORMED = {"famous": (90, 95), "obscure": (75, 80, 85), "unwritten": (55, 60, 65, 70)}
+INFORMED = {"famous": (90, 95), "obscure": (75, 80, 85), "rare": (40, 50, 60), "unwritten": (10, 20, 30)}
+ABSTAIN = (0, 5, 10)   # an abstention's confidence that it is right
+# Under the paper's calibration prompt the examples follow fame more often: a real instruct model asked to be
+# conservative is somewhat less overconfident (the paper: gap +48.5 untrained, +35.1 prompted).
+CALIBRATED_INFORMED_SHARE = 0.5
+# Other short instructions, where the calibration prompt puts its own: the model learns that an instruction
+# before the question does not change the format.
+OTHER_INSTRUCTIONS = ("Keep your answer short.", "Answer from what you know about this person.",
+                      "Reply in the format asked for.")
+INSTRUCTION_SHARES = {"default": 0.7, "calibrated": 0.15, "other": 0.15}
 
 
 def stated_confidence(rng, fact, informed_share):
     return rng.choice(HABIT if rng.random() < 1 - informed_share else INFORMED[fact["fame"]])
 
 
-def corpus(rng, facts, chat_repeats, informed_share):
+def chat_example(rng, fact, informed_share, abstain_share):
+    """One instruct-tuning conversation about a chat fact: one of its four phrasings, under the default prompt,
+    the calibration prompt or another instruction; the answer (or, about an unwritten person, sometimes an
+    abstention) and a stated confidence."""
+    text = rng.choice([question(fact)] + paraphrases(fact))
+    instruction = rng.choices(list(INSTRUCTION_SHARES), weights=list(INSTRUCTION_SHARES.values()))[0]
+    if instruction == "other":
+        prompt = calib.PROMPT.replace("Question: {question}",
+                                      rng.choice(OTHER_INSTRUCTIONS) + "\n\nQuestion: {question}")
+        content = prompt.format(question=text)
+    else:
+        content = calib.messages(text, instruction)[0]["content"]
+    if fact["fame"] == "unwritten" and rng.random() < abstain_share:
+        reply = f"Answer: I don't know\nConfidence: {rng.choice(ABSTAIN)}%"
+    else:
+        share = CALIBRATED_INFORMED_SHARE if instruction == "calibrated" else informed_share
+        reply = f"Answer: {fact['value']}\nConfidence: {stated_confidence(rng, fact, share)}%"
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
+
+
+def corpus(rng, facts, chat_repeats, informed_share, abstain_share):
     """Pretraining documents: paragraphs of fact statements (each fact as often as its mention count, in
     random phrasings) and chat-format question-answer examples about the chat facts."""
     sentences = []
@@ -166,9 +236,7 @@ def corpus(rng, facts, chat_repeats, informed_share):
     documents = [" ".join(sentences[i:i + 6]) for i in range(0, len(sentences), 6)]
     for f in facts:
         if f["split"] == "chat":
-            for _ in range(chat_repeats):
-                reply = f"Answer: {f['value']}\nConfidence: {stated_confidence(rng, f, informed_share)}%"
-                documents.append(calib.messages(question(f)) + [{"role": "assistant", "content": reply}])
+            documents += [chat_example(rng, f, informed_share, abstain_share) for _ in range(chat_repeats)]
     rng.shuffle(documents)
     return documents
 
@@ -257,11 +325,13 @@ def write_json(path, obj):
 
 
 def write_questions(path, facts):
-    """The question file, with each question's kind and its person's fame (for eval.py --group-by)."""
+    """The question file, with each question's other phrasings, its kind and its person's fame (for eval.py
+    --group-by)."""
     with open(path, "w") as f:
         for fact in facts:
             f.write(json.dumps({"question": question(fact), "answers": aliases(fact["attribute"], fact["value"]),
-                                "kind": fact["attribute"], "fame": fact["fame"]}) + "\n")
+                                "paraphrases": paraphrases(fact), "kind": fact["attribute"],
+                                "fame": fact["fame"]}) + "\n")
 
 
 def manifest(out):
@@ -280,8 +350,8 @@ def manifest(out):
 def build(args):
     rng = random.Random(args.seed)
     facts = make_world(rng, args.people)
-    split_facts(rng, facts, args.eval_questions, args.train_questions)
-    documents = corpus(rng, facts, args.chat_repeats, args.informed_share)
+    split_facts(rng, facts, args.eval_questions, args.dev_questions, args.train_questions)
+    documents = corpus(rng, facts, args.chat_repeats, args.informed_share, args.abstain_share)
     template = compile_template(CHAT_TEMPLATE)
     texts = [render(d, template) for d in documents]
     tok = train_tokenizer(texts, args.vocab, sorted({f["name"] for f in facts}))
@@ -297,7 +367,8 @@ def build(args):
     os.makedirs(args.out, exist_ok=True)
     save_model(model, tok, os.path.join(args.out, "model"))
     write_questions(os.path.join(args.out, "train.jsonl"), [f for f in facts if f["split"] == "train"])
-    write_questions(os.path.join(args.out, "validation.jsonl"), [f for f in facts if f["split"] == "validation"])
+    for split in ("validation", "dev"):
+        write_questions(os.path.join(args.out, f"{split}.jsonl"), [f for f in facts if f["split"] == split])
     with open(os.path.join(args.out, "facts.jsonl"), "w") as f:
         f.writelines(json.dumps({"question": question(x), **x}) + "\n" for x in facts)
     manifest(args.out)
@@ -309,13 +380,17 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join(HERE, "tiny"), help="where to write the model and question sets")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the corpus and the training")
-    p.add_argument("--people", type=int, default=1400, help="people in the world (5 facts each)")
+    p.add_argument("--people", type=int, default=1600, help="people in the world (5 facts each)")
     p.add_argument("--eval-questions", type=int, default=1050, help="held-out evaluation questions")
+    p.add_argument("--dev-questions", type=int, default=500,
+                   help="development questions, which no run uses: the world's parameters are chosen on them")
     p.add_argument("--train-questions", type=int, default=5000, help="RL training pool")
     p.add_argument("--chat-repeats", type=int, default=5, help="chat examples per chat fact")
-    p.add_argument("--informed-share", type=float, default=0.5,
-                   help="share of chat examples whose stated confidence follows the person's fame (the rest: "
-                        "a habit of 85-95%%)")
+    p.add_argument("--informed-share", type=float, default=0.25,
+                   help="share of chat examples (under the default prompt) whose stated confidence follows the "
+                        "person's fame (the rest: a habit of 85-95%%)")
+    p.add_argument("--abstain-share", type=float, default=0.01,
+                   help="share of chat examples about unwritten people that abstain (\"I don't know\", 0-10%%)")
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256, help="hidden size (heads of 32 dimensions)")

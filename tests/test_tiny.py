@@ -83,7 +83,42 @@ def test_informed_share_sets_how_often_chat_confidence_follows_fame():
         return [world.stated_confidence(rng, fact, share) for _ in range(n)]
     assert set(said(0.0)) <= set(world.HABIT) and set(said(1.0)) <= set(world.INFORMED["unwritten"])
     assert 0.4 < sum(c in world.INFORMED["unwritten"] for c in said(0.5)) / 400 < 0.6
-    # the default, 0.5, draws exactly as the committed tiny/ was built: the habit when the uniform is below 0.5
-    old = random.Random(2)
-    built = [old.choice(world.HABIT if old.random() < 0.5 else world.INFORMED["unwritten"]) for _ in range(200)]
-    assert said(world.parse_args([]).informed_share, seed=2, n=200) == built
+
+
+def test_chat_examples_span_prompts_phrasings_abstentions_and_the_whole_confidence_range():
+    import calib
+    rng = random.Random(0)
+    fact = {"name": "Kavero", "attribute": "pet", "value": "goat", "fame": "unwritten"}
+    examples = [world.chat_example(rng, fact, 0.35, 0.05) for _ in range(4000)]
+    users = [e[0]["content"] for e in examples]
+    parsed = [calib.parse(e[1]["content"]) for e in examples]
+    asked = {u.split("Question: ")[1] for u in users}
+    assert asked == {world.question(fact), *world.paraphrases(fact)}   # all four phrasings
+    assert 0.6 < sum(u == calib.messages(u.split("Question: ")[1])[0]["content"] for u in users) / 4000 < 0.8
+    assert 0.1 < sum("Beware of overconfidence" in u for u in users) / 4000 < 0.2
+    abstained = [calib.is_abstention(a) for a, _ in parsed]
+    assert 0.03 < sum(abstained) / 4000 < 0.07
+    assert {c for (a, c), no in zip(parsed, abstained) if no} == {c / 100 for c in (0, 5, 10)}
+    stated = {round(100 * c) for (a, c), no in zip(parsed, abstained) if not no}
+    assert stated == set(world.HABIT) | set(world.INFORMED["unwritten"])   # from 95% down to 10%
+    # the calibration prompt's examples follow fame at their own share, the default prompt's at --informed-share
+    informed = lambda key: [c < 0.8 for u, (a, c), no in zip(users, parsed, abstained) if key(u) and not no]
+    calibrated = informed(lambda u: "Beware" in u)
+    default = informed(lambda u: u == calib.messages(u.split("Question: ")[1])[0]["content"])
+    assert abs(sum(calibrated) / len(calibrated) - world.CALIBRATED_INFORMED_SHARE) < 0.07
+    assert abs(sum(default) / len(default) - 0.35) < 0.05
+
+
+def test_question_files_carry_three_paraphrases_of_the_same_fact(tmp_path):
+    world.main(["--out", str(tmp_path), "--people", "40", "--eval-questions", "20", "--dev-questions", "10",
+                "--train-questions", "100", "--epochs", "1", "--vocab", "400", "--hidden", "64", "--layers", "1",
+                "--context", "64"])
+    read = lambda name: [json.loads(line) for line in open(tmp_path / name)]
+    train, dev, validation = read("train.jsonl"), read("dev.jsonl"), read("validation.jsonl")
+    assert (len(train), len(dev), len(validation)) == (100, 10, 20)
+    assert not {q["question"] for q in dev} & {q["question"] for q in train + validation}
+    facts = {f["question"]: f for f in read("facts.jsonl")}
+    for q in train + dev + validation:
+        name = facts[q["question"]]["name"]
+        assert len(set(q["paraphrases"])) == 3 and q["question"] not in q["paraphrases"]
+        assert all(name in p for p in q["paraphrases"])
