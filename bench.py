@@ -28,6 +28,7 @@ requirements (requirements-bench.txt).
 
 import argparse
 import gc
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -359,14 +360,25 @@ def train_bench(args):
         queue = ctx.Queue()
         proc = ctx.Process(target=target, args=(args.model, args.device, queue))
         proc.start()
-        r = queue.get()
-        proc.join()
+        r = result_of(proc, queue)
         step = statistics.median(s for s, _ in r["steps"])
         sampling = statistics.median(g for _, g in r["steps"])
         medians[side] = step
         print(f"{side:5s} step {step:6.3f} s (median of {TIMED}): sampling {sampling:6.3f} s, rewards + learning + "
               f"optimizer {step - sampling:6.3f} s; peak memory {r['peak_mb']:7.0f} MB")
     print(f"train_speedup_vs_trl: {medians['TRL'] / medians['ours']:.2f}")
+
+
+def result_of(proc, queue):
+    """What a bench process put on its queue; an error, not a wait forever, when it died without a result."""
+    while proc.is_alive() or not queue.empty():
+        try:
+            result = queue.get(timeout=5)
+            proc.join()
+            return result
+        except Exception:   # queue.Empty: not yet
+            continue
+    raise RuntimeError(f"a bench process died (exit code {proc.exitcode}) without a result; its traceback is above")
 
 
 def rollout_bench(shape, dtype, device, lora_rank):
@@ -386,8 +398,7 @@ def rollout_bench(shape, dtype, device, lora_rank):
             queue = ctx.Queue()
             proc = ctx.Process(target=measure, args=(side, workload, shape, dtype, device, lora_rank, queue))
             proc.start()
-            results[side, workload] = r = queue.get()
-            proc.join()
+            results[side, workload] = r = result_of(proc, queue)
             print(f"{workload:8s} {side:13s} {r['tokens']:5d} tokens (mean length {r['mean_len']:4.1f}) "
                   f"in {r['seconds']:6.2f} s = {r['tokens'] / r['seconds']:7.1f} tokens/s; "
                   f"peak memory {r['peak_mb']:7.0f} MB ({r['peak_mb'] - r['base_mb']:+.0f} MB over the run's start)")
@@ -449,7 +460,7 @@ def learning_step(shape, device, new_tokens=256):
     train.learn(model, optimizer, prompts, out, advantages, args, len(out))
     sync(device)
     return {"sampling_s": sampled, "learning_s": time.perf_counter() - t,
-            "peak_gb": memory_mb(device, peak=True) / 1024, "tokens": sum(len(c.ids) for c in out)}
+            "peak_gb": memory_mb(device, peak=True) * 2**20 / 1e9, "tokens": sum(len(c.ids) for c in out)}
 
 
 def timed(command, **kw):
@@ -468,29 +479,42 @@ def gpu_check(out):
     if not torch.cuda.is_available():
         raise SystemExit("error: --gpu-check needs a CUDA GPU, and this machine has none (torch.cuda.is_available() "
                          "is False); on a GPU machine install the CUDA build of torch first")
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"error: the rollout bench compares against {' and '.join(missing)}: pip install -r "
+                         "requirements-bench.txt")
     figures = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__}
 
-    def record(key, value):
-        figures[key] = value
+    def record(key, stage):   # a stage that fails is written down as such, and the next one still runs
+        try:
+            figures[key] = stage()
+        except Exception as e:
+            figures[key] = {"failed": f"{type(e).__name__}: {e}"}
         with open(out, "w") as f:
             json.dump(figures, f, indent=2)
-        print(f"{key}: {json.dumps(value)}", flush=True)
-    record("rollout_bench_4b_bf16", rollout_bench("4b", torch.bfloat16, "cuda", 1))
-    record("learning_step_4b_bf16", {**learning_step("4b", "cuda"), "estimate_gb": ESTIMATE_GB})
+        print(f"{key}: {json.dumps(figures[key])}", flush=True)
     here, work = os.path.dirname(os.path.abspath(__file__)), tempfile.mkdtemp()
     tiny = ["--model", "tiny", "--dataset", "tiny", "--data", "1600", "--epochs", "2", "--mix", "0.5",
             "--device", "cuda"]
-    seconds = timed([sys.executable, os.path.join(here, "train.py"), *tiny, "--out", "one", "--ckpt", "one.st"],
-                    cwd=work)
-    timed([sys.executable, os.path.join(here, "eval.py"), "one.st", "--rollouts", "8", "--device", "cuda", "--out",
-           "eval"], cwd=work)
-    result = json.load(open(os.path.join(work, "eval", "metrics.json")))["one"]
-    record("tiny_readme_command_cuda", {"train_s": seconds, **{k: result[k] for k in (
-        "accuracy", "calibration_gap", "auroc", "ece", "r_stability_correct", "r_confidence_correct")}})
-    if torch.cuda.device_count() >= 2:
+
+    def tiny_commands():
+        seconds = timed([sys.executable, os.path.join(here, "train.py"), *tiny, "--out", "one", "--ckpt",
+                         "one.safetensors"], cwd=work)
+        timed([sys.executable, os.path.join(here, "eval.py"), "one.safetensors", "--rollouts", "8", "--device",
+               "cuda", "--out", "eval"], cwd=work)
+        result = json.load(open(os.path.join(work, "eval", "metrics.json")))["one"]
+        return {"train_s": seconds, **{k: result[k] for k in (
+            "accuracy", "calibration_gap", "auroc", "ece", "r_stability_correct", "r_confidence_correct")}}
+
+    def two_processes():
         two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                     os.path.join(here, "train.py"), *tiny, "--out", "two", "--ckpt", "two.st"], cwd=work)
-        record("tiny_two_processes_nccl", {"train_s": two, "one_process_train_s": seconds})
+                     os.path.join(here, "train.py"), *tiny, "--out", "two", "--ckpt", "two.safetensors"], cwd=work)
+        return {"train_s": two, "one_process_train_s": figures["tiny_readme_command_cuda"].get("train_s")}
+    record("rollout_bench_4b_bf16", lambda: rollout_bench("4b", torch.bfloat16, "cuda", 1))
+    record("learning_step_4b_bf16", lambda: {**learning_step("4b", "cuda"), "estimate_gb": ESTIMATE_GB})
+    record("tiny_readme_command_cuda", tiny_commands)
+    if torch.cuda.device_count() >= 2:
+        record("tiny_two_processes_nccl", two_processes)
     print(f"wrote {out}")
 
 

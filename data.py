@@ -25,10 +25,17 @@ def load_questions(dataset, split):
     return read_jsonl(dataset)
 
 
+def has_paraphrases(question, k):
+    """Whether a question carries at least k `paraphrases`, a list of non-empty texts."""
+    ways = question.get("paraphrases")
+    return isinstance(ways, list) and len(ways) >= k and all(isinstance(w, str) and w.strip() for w in ways)
+
+
 def phrasings(question, k):
-    """k ways to ask a question: the question itself, then its `paraphrases` (the tiny world's question files
-    carry three; train.py --paraphrase-source self writes them for any other file). A question with fewer than
-    k phrasings asks the ones it has in turn, so that each of the k slots exists."""
+    """k ways to ask a question: the question itself, then its `paraphrases` (world.py's question files carry
+    three; train.py --paraphrase-source self writes them for any other file). A question with fewer than k
+    phrasings (a model-written paraphrase dropped) asks the ones it has in turn, so that each of the k slots
+    exists."""
     ways = [question["question"]] + list(question.get("paraphrases", []))
     return [ways[j % len(ways)] for j in range(k)]
 

@@ -76,16 +76,19 @@ def parse_args(argv=None):
                    help="cpu, cuda or cuda:K")
     p.add_argument("--plot-log", nargs="+", metavar="LOG", help="plot training logs (metrics.jsonl) and exit")
     p.add_argument("--ask", metavar="QUESTION",
-                   help="one question under the microscope: the greedy answer, N sampled answers (--rollouts, 8 by "
-                        "default) with their clusters, stability, confidences, rewards and advantages, for the base "
-                        "model and each checkpoint")
+                   help="one question under the microscope: the greedy answer, N sampled answers (--rollouts N; 8 "
+                        "when it is 0) with their clusters, stability, confidences, rewards and advantages, for the "
+                        "base model and each checkpoint")
     p.add_argument("--answers", nargs="+", metavar="ANSWER",
-                   help="with --ask: the right answers, to score the samples with the Brier reward as well")
+                   help="with --ask: the right answers, to score the samples with the Brier reward as well (name "
+                        "checkpoints before it: it takes every word after it)")
     args = p.parse_args(argv)
     if args.rollouts == 1:
         p.error("--rollouts must be 0 (none) or at least 2: stability compares answers")
     if args.answers and not args.ask:
         p.error("--answers scores the question of --ask: give --ask too")
+    if args.answers and any(a.endswith(".safetensors") or os.path.isdir(a) for a in args.answers):
+        p.error("--answers took a checkpoint as an answer: name the checkpoints before --answers")
     if args.paraphrases > 1 and (not args.rollouts or args.rollouts % args.paraphrases):
         p.error(f"--paraphrases {args.paraphrases} spreads --rollouts over the phrasings: give --rollouts a "
                 "multiple of it")
@@ -116,7 +119,8 @@ def load_system(checkpoint, args):
 
 
 def answer_all(model, tok, questions, args, label):
-    """Greedy responses to every question (and N sampled ones with --rollouts), one record per question. Under
+    """Greedy responses to every question (and N sampled ones with --rollouts, N more spread over K phrasings with
+    --paraphrases K), one record per question. Under
     torchrun each process answers every K-th batch, the very batches one process would form (so the same
     numbers), and all get the records back in order; question j's samples are seeded by (seed, j)."""
     rank, world = rank_and_world()
@@ -128,11 +132,12 @@ def answer_all(model, tok, questions, args, label):
         greedy = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0)
         samples = (generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
                             seeds=[seed_of(args.seed, i + j) for j in range(len(batch))]) if args.rollouts else [])
-        k = args.paraphrases   # the same N answers again, N / k to each of k phrasings
-        asked = [tok.chat(calib.messages(text, args.prompt)) for q in batch for text in data.phrasings(q, k)]
-        spread = (generate(model, tok, asked, n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
-                           seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)])
-                  if k > 1 else [])
+        k = args.paraphrases   # with k > 1, N more answers, N / k to each of k phrasings
+        spread = generate(model, tok, [tok.chat(calib.messages(text, args.prompt)) for q in batch
+                                       for text in data.phrasings(q, k)],
+                          n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
+                          seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)]) \
+            if k > 1 else []
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
@@ -282,7 +287,7 @@ def plot_logs(runs, path, window=1):
 
 
 def label_of(checkpoint, taken):
-    label = "base" if checkpoint is None else os.path.splitext(os.path.basename(checkpoint))[0]
+    label = "base" if checkpoint is None else os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
     return label if label not in taken else f"{label}-{len(taken)}"
 
 
@@ -319,7 +324,7 @@ def ask(args):
                                           seeds=[seed_of(args.seed, 0)])]
         stability_r, parts = reward.group_rewards(texts, answers, labeled=False)
         brier_r, _ = reward.group_rewards(texts, answers, labeled=True)
-        rows = [{"answer": calib.parse(t)[0], "cluster": k, "confidence": c, "correct": y,
+        rows = [{"answer": calib.parse(t)[0], "cluster": k, "confidence": c, "correct": y if answers else None,
                  "stability_reward": rs, "stability_advantage": rs - np.mean(stability_r),
                  **({"brier_reward": rb, "brier_advantage": rb - np.mean(brier_r)} if answers else {})}
                 for t, k, c, y, rs, rb in zip(texts, calib.cluster_keys([calib.parse(t)[0] for t in texts]),
@@ -360,9 +365,10 @@ def evaluate(args, rank=0):
     if not pool:
         raise UserError(f"{args.dataset} holds no evaluation questions")
     questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]
-    if args.paraphrases > 1 and any(not q.get("paraphrases") for q in questions):
-        raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no `paraphrases` "
-                        "field (the tiny world's have three)")
+    if args.paraphrases > 1 and not all(data.has_paraphrases(q, args.paraphrases - 1) for q in questions):
+        raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no list of "
+                        f"{args.paraphrases - 1} `paraphrases` (world.py's next world writes three; the committed "
+                        "tiny/ predates them)")
     if args.group_by and any(args.group_by not in q for q in questions):
         raise UserError(f"--group-by {args.group_by}: the questions of {args.dataset} have no field "
                         f"{args.group_by!r} (they have: {', '.join(sorted(questions[0]))})")

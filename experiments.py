@@ -15,7 +15,7 @@ Grids:
   knowledge   run C with the flags that depart from the paper: confidence-only credit, calibrated or
               per-rollout stability targets
   paraphrase  run C and stability alone (mix 0), each asking every question one way or four (--paraphrases 4;
-              the question file must carry paraphrases, as the tiny world's does)
+              the question file must carry paraphrases: world.py's next world, not the committed tiny/)
 
 Every condition trains in RUNS/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors;
 RUNS is --runs, by default --out) and is evaluated greedily on the held-out set in RUNS/<condition>-seed<k>/eval/
@@ -65,7 +65,7 @@ SCARCE, ABUNDANT = ("--data", "1600", "--epochs", "2"), ("--data", "5000", "--ep
 A, B, C = ("--data", "1600", "--epochs", "1", "--mix", "1"), (*SCARCE, "--mix", "1"), (*SCARCE, "--mix", "0.5")
 BONUS = ("--correct-weight", "1")   # the RLCR-style correctness term
 ASKED = ("--rollouts", "8", "--paraphrases", "4", "--group-by", "fame")   # the last --group-by is the one taken
-FAMES = ("famous", "obscure", "rare", "unwritten")   # the tiny world's
+FAMES = ("famous", "obscure", "rare", "unwritten")   # world.py's fame classes
 CONDITIONS = {
     "untrained": Condition(eval=("--rollouts", "8")),   # 8 sampled answers per question: the sanity check
     "prompted": Condition(eval=("--prompt", "calibrated")),

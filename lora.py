@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 import cli
-from model import UserError
+from model import UserError, resolve
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -115,7 +115,7 @@ def save_adapter(model, path, step, config):
 
 def peft_folder_of(path):
     """Where the PEFT folder of an adapter file goes: beside it, ckpt.safetensors -> ckpt-peft/."""
-    return os.path.splitext(path)[0] + "-peft"
+    return os.path.splitext(os.path.normpath(path))[0] + "-peft"
 
 
 def save_peft_folder(folder, tensors, meta):
@@ -123,9 +123,10 @@ def save_peft_folder(folder, tensors, meta):
     serving load: adapter_config.json (a LoraConfig) and adapter_model.safetensors (the same tensors, whose
     names are PEFT's already, and our metadata, which PEFT ignores and read_adapter reads)."""
     os.makedirs(folder, exist_ok=True)
+    base = resolve("tiny") if meta["base_model"] == "tiny" else meta["base_model"]   # a path PEFT can load
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]),
               "target_modules": json.loads(meta["targets"]), "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": meta["base_model"]}
+              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base}
     write_atomic(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata=meta))
     write_atomic(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
 

@@ -25,6 +25,8 @@ Flags that depart from the paper's estimator (its choice is each one's default, 
   --stability-target platt   the unlabeled target is P(correct | s), fitted to the labeled rollouts so far;
   --stability-target cluster each rollout's own target: the share of the N answers in its answer's cluster;
   --correct-weight W         RLCR's correctness bonus on labeled questions;
+  --paraphrases K            a question asked K ways, N / K rollouts each, its stability over all N (the paper's
+                             open question);
   --mix-schedule START:END   a curriculum of the labeled share.
 
     python train.py --data 1600 --epochs 2 --mix 0.5           # Qwen3-4B-Instruct-2507 on TriviaQA
@@ -260,13 +262,13 @@ def save_checkpoint(args, model, optimizer, step, config, calibration):
     lora.write_atomic(os.path.join(args.out, "state.pt"), buffer.getvalue())
 
 
-def tracker(args, config):
+def tracker(args, config, start):
     """--report-to: (report(record), close()) that send each log line's figures to TensorBoard or Weights &
     Biases as the run goes, the run's config once; (None, None) for none. Rank 0 alone reports."""
     figures = lambda record: {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
     if args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+        writer = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=start)   # steps redone on resume
         writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))   # as code
 
         def report(record):
@@ -276,8 +278,12 @@ def tracker(args, config):
         return report, writer.close
     if args.report_to == "wandb":
         import wandb
-        run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)), dir=args.out,
-                         config=config)
+        id_file = os.path.join(args.out, "wandb-id")   # a resumed run goes on in the same W&B run
+        if not os.path.exists(id_file):
+            lora.write_atomic(id_file, wandb.util.generate_id())
+        with open(id_file) as f:
+            run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)),
+                             dir=args.out, config=config, id=f.read().strip(), resume="allow")
         return (lambda record: run.log(figures(record), step=record["step"])), run.finish
     return None, None
 
@@ -339,7 +345,8 @@ def rollouts(model, tok, questions, ids, args, step):
 def self_paraphrases(model, tok, questions, k, batch=64):
     """k - 1 other phrasings of each question, written by the model before any training (its LoRA is still
     zero): its greedy answer to each of calib.PARAPHRASE_PROMPTS. One that is empty, or the question again (or
-    an earlier paraphrase) after normalization, is dropped. Returns ({question: [paraphrases]}, dropped)."""
+    an earlier paraphrase) after normalization, or not a question (no "?": an answer, say), is dropped.
+    Returns ({question: [paraphrases]}, dropped)."""
     texts = list(dict.fromkeys(q["question"] for q in questions))
     prompts = [tok.chat(calib.paraphrase_messages(text, j)) for text in texts for j in range(k - 1)]
     out = [c for i in range(0, len(prompts), batch)
@@ -350,7 +357,8 @@ def self_paraphrases(model, tok, questions, k, batch=64):
         for c in out[n * (k - 1):(n + 1) * (k - 1)]:
             lines = c.text.strip().splitlines()
             candidate = lines[0].removeprefix("Question:").strip() if lines else ""
-            if not calib.normalize(candidate) or calib.normalize(candidate) in map(calib.normalize, [text, *kept]):
+            if (not candidate.endswith("?") or not calib.normalize(candidate)
+                    or calib.normalize(candidate) in map(calib.normalize, [text, *kept])):
                 dropped += 1
             else:
                 kept.append(candidate)
@@ -358,27 +366,29 @@ def self_paraphrases(model, tok, questions, k, batch=64):
     return result, dropped
 
 
-def with_paraphrases(model, tok, pool, args, rank):
-    """The pool with the phrasings --paraphrases asks for: the file's, or (--paraphrase-source self) the ones in
-    OUT/paraphrases.json, written by rank 0 at the run's start and read back on resume and by every process."""
-    if args.paraphrases == 1:
-        return pool
+def with_paraphrases(model, tok, pool, args, rank, resuming):
+    """The pool with the phrasings --paraphrases asks for: the file's (K - 1 of them at least), or
+    (--paraphrase-source self) the model's, written by rank 0 at the run's start into OUT/paraphrases.json and
+    read back from it on resume; rank 0 hands them to every process."""
     if args.paraphrase_source == "file":
-        if any(not q.get("paraphrases") for q in pool):
-            raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no "
-                            "`paraphrases` field; pass --paraphrase-source self to have the model write them")
+        short = next((q for q in pool if not data.has_paraphrases(q, args.paraphrases - 1)), None)
+        if short is not None:
+            raise UserError(f"--paraphrases {args.paraphrases}: {short['question']!r} of {args.dataset} has no list of "
+                            f"{args.paraphrases - 1} `paraphrases`; pass --paraphrase-source self to have the model "
+                            "write them")
         return pool
     cache = os.path.join(args.out, "paraphrases.json")
-    if rank == 0 and os.path.exists(cache):
+    if rank == 0 and resuming and os.path.exists(cache):
         written = data.read_json_object(cache)
     elif rank == 0:
         written, dropped = self_paraphrases(model, tok, pool, args.paraphrases)
         print(f"paraphrases: the model wrote {sum(map(len, written.values()))} for {len(written)} questions; "
-              f"{dropped} dropped (empty, or the question again)", flush=True)
+              f"{dropped} dropped (empty, not a question, or the question again)", flush=True)
     written = gather(written if rank == 0 else None)[0]   # every process asks the same ways
     missing = [q["question"] for q in pool if q["question"] not in written]
     if missing:
-        raise UserError(f"{cache} has no paraphrases of {missing[0]!r}: it belongs to another run")
+        raise UserError(f"{cache} has no paraphrases of {missing[0]!r}: it belongs to another run; remove it, and "
+                        "the model writes them again")
     return [{**q, "paraphrases": written[q["question"]]} for q in pool]
 
 
@@ -644,12 +654,15 @@ def train(args, rank=0, world=1):
     total_steps = steps_per_epoch * args.epochs
     check_shares(args, len(pool), world)
     model, tok, optimizer = build(args)
-    pool = with_paraphrases(model, tok, pool, args, rank)   # before restore: the LoRA is still zero
-    texts = [text for q in pool for text in data.phrasings(q, args.paraphrases)]
-    check_length(model, [tok.chat(calib.messages(text)) for text in texts], args.max_new_tokens, texts)
+    check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens,
+                 [q["question"] for q in pool])
+    if args.paraphrases > 1:   # before restore: the LoRA is still zero, so the model paraphrases as it was
+        pool = with_paraphrases(model, tok, pool, args, rank, state is not None)
+        texts = [text for q in pool for text in data.phrasings(q, args.paraphrases)]
+        check_length(model, [tok.chat(calib.messages(text)) for text in texts], args.max_new_tokens, texts)
     start, calibration = restore(model, optimizer, state, args)
     write_config(args, config, rank)   # everything is checked: from here on the run folder exists
-    report, close_report = tracker(args, config) if rank == 0 else (None, None)
+    report, close_report = tracker(args, config, start) if rank == 0 else (None, None)
     if rank == 0 and args.paraphrase_source == "self" and args.paraphrases > 1:
         lora.write_atomic(os.path.join(args.out, "paraphrases.json"),
                           json.dumps({q["question"]: q["paraphrases"] for q in pool}, indent=1))

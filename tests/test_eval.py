@@ -177,7 +177,7 @@ def test_stability_over_several_phrasings_beside_the_one_phrasing_figures(tmp_pa
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--paraphrases", "2", "--out", str(out)])
     assert "give --rollouts a multiple of it" in capsys.readouterr().err
-    with pytest.raises(UserError, match="have no `paraphrases` field"):
+    with pytest.raises(UserError, match="have no list of 1 `paraphrases`"):
         evaluate.main(["--model", model, "--dataset", formatted[1], "--rollouts", "4", "--paraphrases", "2",
                        "--out", str(out)])
 

@@ -603,6 +603,7 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
     for q, (rewards, parts) in enumerate(share["groups"]):
         assert parts["stability"] == calib.stability([calib.parse(c.text)[0] for c in out[q * 4:(q + 1) * 4]])
         assert len(rewards) == 4
+    assert share["mismatch"] / share["learned_tokens"] < 1e-5   # learn() scored each against its own prompt
 
 
 def test_self_paraphrases_are_written_once_and_reused_on_resume(tmp_path, formatted, monkeypatch, capsys):
@@ -633,8 +634,11 @@ def test_paraphrase_flags_are_checked(tmp_path, formatted, capsys):
         train.parse_args(["--rollouts", "10", "--paraphrases", "5", "--paraphrase-source", "self"])
     assert "writes at most 3 paraphrases" in capsys.readouterr().err
     model, questions = formatted
-    with pytest.raises(UserError, match="have no `paraphrases` field; pass --paraphrase-source self"):
+    with pytest.raises(UserError, match="has no list of 1 `paraphrases`; pass --paraphrase-source self"):
         train.main(small(tmp_path, model, questions, tmp_path / "r", "--rollouts", "4", "--paraphrases", "2"))
+    with pytest.raises(UserError, match="has no list of 3 `paraphrases`"):   # the file has two per question
+        train.main(small(tmp_path, model, write_paraphrased(tmp_path / "two.jsonl"), tmp_path / "r", "--rollouts",
+                         "4", "--paraphrases", "4"))
     assert not (tmp_path / "r").exists()
 
 
