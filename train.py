@@ -41,6 +41,7 @@ import json
 import math
 import os
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -280,7 +281,7 @@ def tracker(args, config, start):
         import wandb
         id_file = os.path.join(args.out, "wandb-id")   # a resumed run goes on in the same W&B run
         if not os.path.exists(id_file):
-            lora.write_atomic(id_file, wandb.util.generate_id())
+            lora.write_atomic(id_file, uuid.uuid4().hex[:8])
         with open(id_file) as f:
             run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)),
                              dir=args.out, config=config, id=f.read().strip(), resume="allow")
