@@ -15,7 +15,7 @@ Grids:
   knowledge   run C with the flags that depart from the paper: confidence-only credit, calibrated or
               per-rollout stability targets
   paraphrase  run C and stability alone (mix 0), each asking every question one way or four (--paraphrases 4;
-              the question file must carry paraphrases: world.py's next world, not the committed tiny/)
+              the question file must carry paraphrases, as the tiny world's do)
 
 Every condition trains in RUNS/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors;
 RUNS is --runs, by default --out) and is evaluated greedily on the held-out set in RUNS/<condition>-seed<k>/eval/
@@ -219,6 +219,7 @@ class Claim:
     b: str
     figure_b: str = ""   # a second figure of the same condition, instead of figure(b)
     absolute: bool = False   # compare sizes: a calibration gap of -40% is not better than one of +35%
+    within: tuple = ()   # (field, value): only the questions whose field has that value, e.g. ("fame", "rare")
 
 
 CLAIMS = {
@@ -234,6 +235,19 @@ CLAIMS = {
               "oscillation", "stability-5000", "mixed-5000"),
         Claim("Training beats the calibration prompt (gap +35.1% prompted, +11.7% trained)", "calibration_gap",
               "prompted", "C", absolute=True),
+    ],
+    "paraphrase": [   # the paper's open question, not a claim of it: does asking four ways help?
+        Claim("Asked four ways, the untrained model's stability ranks right above wrong better",
+              "auroc_stability_paraphrased", "untrained-asked", "untrained-asked", "auroc_stability"),
+        Claim("Asked four ways, the guesses about unwritten people agree less (lower stability)",
+              "mean_stability", "untrained-asked", "untrained-asked", "mean_stability_paraphrased",
+              within=("fame", "unwritten")),
+        Claim("Stability alone trained on four phrasings ends less overconfident", "calibration_gap",
+              "mix-0-k1", "mix-0-k4", absolute=True),
+        Claim("Stability alone trained on four phrasings ranks better", "auroc", "mix-0-k4", "mix-0-k1"),
+        Claim("Run C trained on four phrasings ends less overconfident", "calibration_gap", "C-k1", "C-k4",
+              absolute=True),
+        Claim("Run C trained on four phrasings ranks better", "auroc", "C-k4", "C-k1"),
     ],
 }
 OSCILLATION = "sd of the 25-step moving average of the calibration gap over the second half of training"
@@ -264,12 +278,16 @@ def claim_test(claim, args, resamples=1000):
                         "evaluations with the same --n and --eval-args")
 
     def figure(runs, key, index):   # the figure of a condition on these questions, averaged over its seeds
-        rollouts = runs[0][0]["stability"] is not None
-        values = [evaluate.figures([rows[i] for i in index], argparse.Namespace(group_by=None, rollouts=rollouts))[key]
-                  for rows in runs]
+        first = runs[0][0]
+        sampled = argparse.Namespace(group_by=None, rollouts=first["stability"] is not None,
+                                     paraphrases=2 if first.get("stability_paraphrased") is not None else 1)
+        values = [evaluate.figures([rows[i] for i in index], sampled)[key] for rows in runs]
         return abs(np.mean(values)) if claim.absolute else np.mean(values)
 
     def difference(index):
+        if claim.within:   # the same questions in every condition, so the first run's fields pick them
+            field, value = claim.within
+            index = [i for i in index if records[claim.a][0][i][field] == value]
         return {"d": figure(records[claim.a], claim.figure, index) - figure(records[claim.b], claim.figure_b or
                                                                           claim.figure, index)}
     # paired: each resample draws question indices once, for both conditions and every seed
@@ -287,7 +305,8 @@ def claims_markdown(args):
         value, (low, high), over = claim_test(claim, args)
         second = f"{claim.figure_b} of {claim.a}" if claim.figure_b else f"{claim.figure} of {claim.b}"
         size = (lambda f: f"|{f}|") if claim.absolute else (lambda f: f)
-        what = f"{size(claim.figure + ' of ' + claim.a)} - {size(second)}"
+        what = f"{size(claim.figure + ' of ' + claim.a)} - {size(second)}" + \
+            (" (questions with {} = {})".format(*claim.within) if claim.within else "")
         if np.isnan(value):
             verdict, shown, interval = "not testable here", "-", over if over.startswith("needs") else \
                 "- (no figure: see the tables)"

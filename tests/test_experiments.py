@@ -95,11 +95,18 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
     assert f"| {abs(untrained['calibration_gap']) - abs(sum(gaps) / 2):+.3f} |" in row, row
     row = next(line for line in report.splitlines() if line.startswith("| T oscillates"))
     assert "needs --seeds 3" in row and "not testable here" in row   # an interval over 2 seeds is no interval
-    # a second grid on the same runs trains nothing
+    # a second grid on the same runs trains nothing; a claim `within` a group takes only that group's questions
+    rows = [json.loads(line) for line in open(runs / "untrained-seed0" / "eval" / "responses-base.jsonl")]
+    value = max((True, False), key=lambda v: sum(r["correct"] == v for r in rows))
+    group = [r["confidence"] for r in rows if r["correct"] == value and r["confidence"] is not None]
+    monkeypatch.setitem(experiments.CLAIMS, "two", [experiments.Claim(
+        "within", "accuracy", "untrained", "untrained", "mean_confidence", within=("correct", value))])
     monkeypatch.setattr(experiments, "launch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--out",
                           str(tmp_path / "other")))
-    assert (tmp_path / "other" / "report.md").exists()
+    row = next(line for line in (tmp_path / "other" / "report.md").read_text().splitlines()
+               if line.startswith("| within |"))
+    assert f"| {float(value) - sum(group) / len(group):+.3f} |" in row and f"(questions with correct = {value})" in row, row
     # a grid with other flags is refused the shared folders, not handed their results
     with pytest.raises(experiments.UserError, match="holds a run with other flags"):
         experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--n", "5"))

@@ -36,7 +36,8 @@ def test_question_sets_are_big_enough_and_disjoint():
     assert not {q["question"] for q in train} & {q["question"] for q in validation}
     assert not {q["question"] for q in validation} & {f["question"] for f in facts if f["split"] != "validation"}
     fame = {f["fame"] for f in facts if f["split"] == "validation"}
-    assert fame == {"famous", "obscure", "unwritten"}   # knowing, half-knowing and guessing all occur
+    assert fame == {"famous", "obscure", "rare", "unwritten"}   # knowing, half-knowing and guessing all occur
+    assert all(len(q["paraphrases"]) == 3 for q in train + validation)   # four phrasings of every question
 
 
 def test_tiny_loads_from_any_working_directory(tmp_path, monkeypatch):
