@@ -367,8 +367,7 @@ def evaluate(args, rank=0):
     questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]
     if args.paraphrases > 1 and not all(data.has_paraphrases(q, args.paraphrases - 1) for q in questions):
         raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no list of "
-                        f"{args.paraphrases - 1} `paraphrases` (world.py's next world writes three; the committed "
-                        "tiny/ predates them)")
+                        f"{args.paraphrases - 1} `paraphrases` (the tiny world's questions carry three)")
     if args.group_by and any(args.group_by not in q for q in questions):
         raise UserError(f"--group-by {args.group_by}: the questions of {args.dataset} have no field "
                         f"{args.group_by!r} (they have: {', '.join(sorted(questions[0]))})")

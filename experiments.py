@@ -284,9 +284,17 @@ def claim_test(claim, args, resamples=1000):
         values = [evaluate.figures([rows[i] for i in index], sampled)[key] for rows in runs]
         return abs(np.mean(values)) if claim.absolute else np.mean(values)
 
+    if claim.within:   # a field of the question: the same in every run, so the first run's records pick them
+        field, value = claim.within
+        if any(rows[i].get(field) != records[claim.a][0][i].get(field) for runs in records.values()
+               for rows in runs for i in range(len(questions))):
+            raise UserError(f"a claim within {field} = {value}: {field} differs between the runs of {claim.a} "
+                            f"and {claim.b}; it must be a field of the question")
+        if not any(r.get(field) == value for r in records[claim.a][0]):
+            raise UserError(f"a claim within {field} = {value}: no evaluation question has it")
+
     def difference(index):
-        if claim.within:   # the same questions in every condition, so the first run's fields pick them
-            field, value = claim.within
+        if claim.within:
             index = [i for i in index if records[claim.a][0][i][field] == value]
         return {"d": figure(records[claim.a], claim.figure, index) - figure(records[claim.b], claim.figure_b or
                                                                           claim.figure, index)}

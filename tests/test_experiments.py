@@ -1,6 +1,7 @@
 """experiments.py on a tiny model: a two-condition grid runs, its report holds every table, a rerun skips
 finished work and an interrupted training run is resumed."""
 
+import argparse
 import json
 import os
 import sys
@@ -98,7 +99,8 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
     # a second grid on the same runs trains nothing; a claim `within` a group takes only that group's questions
     rows = [json.loads(line) for line in open(runs / "untrained-seed0" / "eval" / "responses-base.jsonl")]
     value = max((True, False), key=lambda v: sum(r["correct"] == v for r in rows))
-    group = [r["confidence"] for r in rows if r["correct"] == value and r["confidence"] is not None]
+    group = experiments.evaluate.figures([r for r in rows if r["correct"] == value],
+                                         argparse.Namespace(group_by=None, rollouts=True))
     monkeypatch.setitem(experiments.CLAIMS, "two", [experiments.Claim(
         "within", "accuracy", "untrained", "untrained", "mean_confidence", within=("correct", value))])
     monkeypatch.setattr(experiments, "launch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
@@ -106,7 +108,13 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
                           str(tmp_path / "other")))
     row = next(line for line in (tmp_path / "other" / "report.md").read_text().splitlines()
                if line.startswith("| within |"))
-    assert f"| {float(value) - sum(group) / len(group):+.3f} |" in row and f"(questions with correct = {value})" in row, row
+    assert f"| {group['accuracy'] - group['mean_confidence']:+.3f} |" in row, row
+    assert f"(questions with correct = {value})" in row
+    monkeypatch.setitem(experiments.CLAIMS, "two", [experiments.Claim(
+        "within", "accuracy", "untrained", "untrained", "mean_confidence", within=("correct", "maybe"))])
+    with pytest.raises(experiments.UserError, match="no evaluation question has it"):
+        experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--out",
+                              str(tmp_path / "other")))
     # a grid with other flags is refused the shared folders, not handed their results
     with pytest.raises(experiments.UserError, match="holds a run with other flags"):
         experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--n", "5"))
