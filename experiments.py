@@ -1,7 +1,7 @@
 """Reproduce the paper's experiments with one command: a named grid of training runs and evaluations, then a
 report that puts the paper's figures beside ours.
 
-    python experiments.py paper --model tiny --dataset tiny --seeds 3 --devices cpu,cpu   # 36 min on 2 CPU cores
+    python experiments.py paper --model tiny --dataset tiny --seeds 3 --devices cpu,cpu   # 30 min on 2 CPU cores
     python experiments.py paper --seeds 3                # Qwen3-4B-Instruct-2507 on TriviaQA (needs a GPU)
     python experiments.py sweep --model tiny --dataset tiny --train-args="--lr 2e-4"
 
