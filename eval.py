@@ -156,39 +156,40 @@ def answer_all(model, tok, questions, args, label):
 
 def summarize(records, args):
     """The figures with bootstrap 95% intervals, and with --group-by a table of them per group."""
-    result = figures(records, args)
-    result["ci"] = calib.bootstrap(records, lambda rs: figures(rs, args), args.bootstrap, args.seed) \
+    result = figures(records, args.group_by)
+    result["ci"] = calib.bootstrap(records, lambda rs: figures(rs, args.group_by), args.bootstrap, args.seed) \
         if args.bootstrap else {}
     if args.group_by:
         result["groups"] = {}
         for g in sorted({r[args.group_by] for r in records}, key=str):
-            m = figures([r for r in records if r[args.group_by] == g], args)
+            m = figures([r for r in records if r[args.group_by] == g], args.group_by)
             result["groups"][str(g)] = {k: m[k] for k in GROUP_TABLE if k in m}
     return result
 
 
-def figures(records, args):
-    """calib.metrics, the behaviour shares, the stability analysis (--rollouts) and the discrimination within
-    groups (--group-by): every number is a float, so the bootstrap can resample it."""
+def figures(records, group_by=None):
+    """calib.metrics, the behaviour shares, the stability analysis (records with sampled answers: --rollouts,
+    and --paraphrases) and the discrimination within groups of the field `group_by`: every number is a float,
+    so the bootstrap can resample it."""
     conf = [r["confidence"] for r in records]
     correct = [r["correct"] for r in records]
     result = calib.metrics(conf, correct, [r["abstained"] for r in records])
     result["alternative_rate"] = float(np.mean([r["alternative"] for r in records]))
     parsed = [r for r in records if r["confidence"] is not None]
-    if args.group_by:
+    if group_by:
         result["auroc_within_group"], result["auroc_group_base_rate"] = calib.grouped_auroc(
-            [r["confidence"] for r in parsed], [r["correct"] for r in parsed], [r[args.group_by] for r in parsed])
-    if args.rollouts:
+            [r["confidence"] for r in parsed], [r["correct"] for r in parsed], [r[group_by] for r in parsed])
+    if records[0]["stability"] is not None:
         stability = [r["stability"] for r in records]
         result["mean_stability"] = float(np.mean(stability))
         result["r_stability_correct"] = calib.pearson(stability, correct)
         result["r_confidence_correct"] = calib.pearson([r["confidence"] for r in parsed],
                                                        [r["correct"] for r in parsed])
         result["auroc_stability"] = calib.auroc(stability, correct)
-        if args.group_by:
+        if group_by:
             result["stability_auroc_within_group"] = calib.grouped_auroc(
-                stability, correct, [r[args.group_by] for r in records])[0]
-    if getattr(args, "paraphrases", 1) > 1:
+                stability, correct, [r[group_by] for r in records])[0]
+    if "stability_paraphrased" in records[0]:
         stability = [r["stability_paraphrased"] for r in records]
         result["mean_stability_paraphrased"] = float(np.mean(stability))
         result["r_stability_paraphrased_correct"] = calib.pearson(stability, correct)

@@ -278,10 +278,7 @@ def claim_test(claim, args, resamples=1000):
                         "evaluations with the same --n and --eval-args")
 
     def figure(runs, key, index):   # the figure of a condition on these questions, averaged over its seeds
-        first = runs[0][0]
-        sampled = argparse.Namespace(group_by=None, rollouts=first["stability"] is not None,
-                                     paraphrases=2 if first.get("stability_paraphrased") is not None else 1)
-        values = [evaluate.figures([rows[i] for i in index], sampled)[key] for rows in runs]
+        values = [evaluate.figures([rows[i] for i in index])[key] for rows in runs]
         return abs(np.mean(values)) if claim.absolute else np.mean(values)
 
     if claim.within:   # a field of the question: the same in every run, so the first run's records pick them

@@ -1,7 +1,6 @@
 """experiments.py on a tiny model: a two-condition grid runs, its report holds every table, a rerun skips
 finished work and an interrupted training run is resumed."""
 
-import argparse
 import json
 import os
 import sys
@@ -99,8 +98,7 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
     # a second grid on the same runs trains nothing; a claim `within` a group takes only that group's questions
     rows = [json.loads(line) for line in open(runs / "untrained-seed0" / "eval" / "responses-base.jsonl")]
     value = max((True, False), key=lambda v: sum(r["correct"] == v for r in rows))
-    group = experiments.evaluate.figures([r for r in rows if r["correct"] == value],
-                                         argparse.Namespace(group_by=None, rollouts=True))
+    group = experiments.evaluate.figures([r for r in rows if r["correct"] == value])
     monkeypatch.setitem(experiments.CLAIMS, "two", [experiments.Claim(
         "within", "accuracy", "untrained", "untrained", "mean_confidence", within=("correct", value))])
     monkeypatch.setattr(experiments, "launch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
