@@ -32,6 +32,7 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import re
 import statistics
 import subprocess
@@ -376,7 +377,7 @@ def result_of(proc, queue):
             result = queue.get(timeout=5)
             proc.join()
             return result
-        except Exception:   # queue.Empty: not yet
+        except queue_module.Empty:   # not yet
             continue
     raise RuntimeError(f"a bench process died (exit code {proc.exitcode}) without a result; its traceback is above")
 
