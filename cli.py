@@ -45,6 +45,11 @@ def positive(text):
     return value
 
 
+def finite(text):
+    """Any finite number, negative ones included."""
+    return _number(text)
+
+
 def non_negative(text):
     """A finite number, 0 or more: a weight or a cap where 0 turns the feature off."""
     value = _number(text)

@@ -265,21 +265,29 @@ def changes_markdown(records_by_label, path, top=20):
 
 
 def plot_logs(runs, path, window=1):
-    """Reward, calibration gap and accuracy over training, one line per run (the paper's Figure 2a).
-    runs: {label: rows of metrics.jsonl}. A step sees only a batch of questions, so a moving average over
-    `window` steps shows the trend."""
+    """Reward, calibration gap, accuracy and the push on the answers over training, one line per run (the paper's
+    Figure 2a, and reward.answer_push: below 0 the rewards favour wrong answers; labeled questions solid,
+    unlabeled dashed). runs: {label: rows of metrics.jsonl}. A step sees only a batch of questions, so a moving
+    average over `window` steps shows the trend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    for label, rows in runs.items():
-        for ax, key in zip(axes, ("reward", "calibration_gap", "accuracy")):
+    fig, axes = plt.subplots(4, 1, figsize=(7, 10), sharex=True)
+    panels = [(0, "reward", "-"), (1, "calibration_gap", "-"), (2, "accuracy", "-"), (3, "answer_push_labeled", "-"),
+              (3, "answer_push_unlabeled", "--")]
+    for n, (label, rows) in enumerate(runs.items()):
+        for panel, key, style in panels:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if not points:   # a log written before the push was measured, or no question of that kind
+                continue
             values = np.array([v for _, v in points])
             smooth = [values[max(0, i - window + 1):i + 1].mean() for i in range(len(values))]
-            ax.plot([s for s, _ in points], smooth, label=label, lw=1)
-            ax.set_ylabel(key.replace("_", " "))
-    axes[1].axhline(0, color="k", lw=0.5)
+            axes[panel].plot([s for s, _ in points], smooth, style, color=f"C{n}", lw=1,
+                             label=label if panel == 0 else None)
+    for ax, name in zip(axes, ("reward", "calibration gap", "accuracy", "answer push")):
+        ax.set_ylabel(name)
+    for ax in axes[1], axes[3]:
+        ax.axhline(0, color="k", lw=0.5)
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("step" + (f" (moving average over {window} steps)" if window > 1 else ""))
     fig.tight_layout()
@@ -330,8 +338,15 @@ def ask(args):
                  **({"brier_reward": rb, "brier_advantage": rb - np.mean(brier_r)} if answers else {})}
                 for t, k, c, y, rs, rb in zip(texts, calib.cluster_keys([calib.parse(t)[0] for t in texts]),
                                               parts["confidence"], parts["correct"], stability_r, brier_r)]
-        shown[label] = {"greedy": greedy.text, "stability": parts["stability"], "samples": rows}
+        # the force on the answers were this question trained on (reward.answer_push), labeled or not
+        push = {"answer_push_labeled": reward.answer_push(brier_r, parts),
+                "answer_push_unlabeled": reward.answer_push(stability_r, parts)} if answers else {}
+        shown[label] = {"greedy": greedy.text, "stability": parts["stability"], "samples": rows, **push}
         print_microscope(label, greedy.text, parts["stability"], rows, answers)
+        if push:
+            print("answer push (mean advantage of right - of wrong samples; negative: towards wrong answers): " +
+                  ", ".join(f"{'Brier' if k.endswith('_labeled') else 'stability'} " +
+                            ("- (not both right and wrong)" if v is None else f"{v:+.3f}") for k, v in push.items()))
     lora.write_atomic(os.path.join(args.out, "ask.json"), json.dumps({"question": args.ask, "answers": answers,
                                                                        **shown}, indent=2))
     print(f"wrote {os.path.join(args.out, 'ask.json')}")

@@ -66,6 +66,14 @@ A, B, C = ("--data", "1600", "--epochs", "1", "--mix", "1"), (*SCARCE, "--mix", 
 BONUS = ("--correct-weight", "1")   # the RLCR-style correctness term
 ASKED = ("--rollouts", "8", "--paraphrases", "4", "--group-by", "fame")   # the last --group-by is the one taken
 FAMES = ("famous", "obscure", "rare", "unwritten")   # world.py's fame classes
+HIGH_LR = ("--lr", f"{3 * train.TINY_LR:g}")   # 3x the tiny model's default (9x a hub model's)
+CONTROL = ("--correct-weight", "-1")   # R = Brier - correct: pays wrong answers outright (the positive control)
+
+
+def passes(epochs):
+    """The scarce-data runs' 1,600 questions, reused for this many epochs."""
+    return "--data", "1600", "--epochs", str(epochs)
+
 CONDITIONS = {
     "untrained": Condition(eval=("--rollouts", "8")),   # 8 sampled answers per question: the sanity check
     "prompted": Condition(eval=("--prompt", "calibrated")),
@@ -94,6 +102,14 @@ CONDITIONS = {
     "C-k4": Condition(train=(*C, "--paraphrases", "4"), eval=ASKED),
     "mix-0-k1": Condition(train=(*SCARCE, "--mix", "0"), eval=ASKED),
     "mix-0-k4": Condition(train=(*SCARCE, "--mix", "0", "--paraphrases", "4"), eval=ASKED),
+    # the stress grid: B and C at more passes over the same 1,600 questions, and at a higher learning rate
+    "B-e4": Condition(train=(*passes(4), "--mix", "1")),
+    "B-e8": Condition(train=(*passes(8), "--mix", "1")),
+    "C-e4": Condition(train=(*passes(4), "--mix", "0.5")),
+    "C-e8": Condition(train=(*passes(8), "--mix", "0.5")),
+    "B-lr3": Condition(train=(*B, *HIGH_LR)),
+    "C-lr3": Condition(train=(*C, *HIGH_LR)),
+    "control-e8": Condition(train=(*passes(8), "--mix", "1", *CONTROL)),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +218,27 @@ GRIDS = {
                ("labeled-first", "labeled first: 1 -> 0", {}),
                ("unlabeled-first", "unlabeled first: 0 -> 1", {}))),
     ],
+    "stress": [
+        Table("Reusing the 1,600 labeled questions: pure Brier (B) and the 50/50 mix (C) at more passes and a "
+              "higher learning rate, beside a control that pays wrong answers",
+              ("accuracy", "calibration_gap", "auroc", "ece", "abstention_rate", "confidence_when_wrong"),
+              (("untrained", "untrained", {}),
+               ("A", "A: Brier, 1 epoch", {"accuracy": 0.497}),
+               ("B", "B: Brier, 2 epochs", {"accuracy": 0.315}),
+               ("B-e4", "Brier, 4 epochs", {}),
+               ("B-e8", "Brier, 8 epochs", {}),
+               ("B-lr3", "Brier, 2 epochs, 3x learning rate", {}),
+               ("C", "C: 50/50 mix, 2 epochs", {"accuracy": 0.436}),
+               ("C-e4", "mix, 4 epochs", {}),
+               ("C-e8", "mix, 8 epochs", {}),
+               ("C-lr3", "mix, 2 epochs, 3x learning rate", {}),
+               ("control-e8", "control: Brier - correct, 8 epochs", {})),
+              "Held-out questions. The control's reward pays every wrong answer 1 more than a right one "
+              "(--correct-weight -1): if it moves the answers at a dose where Brier does not, RL can move them "
+              "and Brier's push is too weak to."),
+    ],
 }
+ON_TRAINING_QUESTIONS = {"stress"}   # grids whose runs are also evaluated on the questions they trained on
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,12 +435,38 @@ def commands(name, seed, args):
     final = os.path.join(folder, "final.safetensors")
     training = ["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed), "--out", folder,
                 "--ckpt", final, *args.train_args] if cond.train else []
-    system = [final] if cond.train else ["--model", args.model]
-    system += ["--group-by", "kind"] if args.dataset == "tiny" else []   # the world's questions know their kind
     # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
-    evaluation = [*system, "--dataset", args.dataset, "--questions", str(args.n), "--out",
+    evaluation = [*evaluated(name, seed, args), "--dataset", args.dataset, "--questions", str(args.n), "--out",
                   os.path.join(folder, "eval"), *cond.eval, *args.eval_args]
     return training, evaluation
+
+
+def evaluated(name, seed, args):
+    """eval.py's flags for what a condition evaluates: its final adapter, or the untrained model."""
+    system = [os.path.join(run_folder(args, name, seed), "final.safetensors")] if CONDITIONS[name].train else \
+        ["--model", args.model]
+    return system + (["--group-by", "kind"] if args.dataset == "tiny" else [])   # the world's questions know it
+
+
+def training_evals(name, seed, args):
+    """A grid in ON_TRAINING_QUESTIONS also evaluates each run on the questions it trained on (train.py's pool):
+    [(the train.py flags that make the pool, the eval folder, the eval.py flags)]. The untrained model is
+    evaluated on each seed's pool (of the grid's first trained condition: every stress run draws the same pool
+    for a seed), so that every run has untrained figures on its own questions."""
+    if args.grid not in ON_TRAINING_QUESTIONS:
+        return []
+    if CONDITIONS[name].train:
+        sources = [(commands(name, seed, args)[0], "eval-train")]
+    else:
+        first = next(c for c in grid_conditions(GRIDS[args.grid]) if CONDITIONS[c].train)
+        sources = [(commands(first, k, args)[0], f"eval-train-seed{k}") for k in range(args.seeds)]
+    evals = []
+    for training, sub in sources:
+        out = os.path.join(run_folder(args, name, seed), sub)
+        size = train.parse_args(training).data
+        evals.append((training, out, [*evaluated(name, seed, args), "--dataset", os.path.join(out, "questions.jsonl"),
+                                      "--questions", str(size), "--bootstrap", "0", "--out", out, *args.eval_args]))
+    return evals
 
 
 def device_flags(device):
@@ -418,20 +480,26 @@ def check_commands(args, jobs):
     not after hours of training."""
     for device in dict.fromkeys(map(tuple, map(device_flags, args.devices))):
         for name, seed in jobs:
-            for script, parse, argv in zip(("train.py", "eval.py"), (train.parse_args, evaluate.parse_args),
-                                           commands(name, seed, args)):
-                if script == "train.py" and not argv:
-                    continue
-                said = io.StringIO()
-                try:
-                    with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
-                        parse(argv + list(device))
-                except SystemExit as e:   # argparse's refusal, or --help (exit 0)
-                    message = said.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1] if e.code else \
-                        "--help is not a flag for a run; see python " + script + " --help"
-                    raise UserError(f"{script} would refuse the flags of {name} (seed {seed}): {message}") from None
-                except UserError as e:
-                    raise UserError(f"{script}, for {name} (seed {seed}): {e}") from None
+            training, evaluation = commands(name, seed, args)
+            if training:
+                check_flags("train.py", train.parse_args, training + list(device), name, seed)
+            check_flags("eval.py", evaluate.parse_args, evaluation + list(device), name, seed)
+            for _, _, flags in training_evals(name, seed, args):
+                check_flags("eval.py", evaluate.parse_args, flags + list(device), name, seed)
+
+
+def check_flags(script, parse, argv, name, seed):
+    """One run's flags, parsed as its script will: a refusal is one line naming the run."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            parse(argv)
+    except SystemExit as e:   # argparse's refusal, or --help (exit 0)
+        message = said.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1] if e.code else \
+            "--help is not a flag for a run; see python " + script + " --help"
+        raise UserError(f"{script} would refuse the flags of {name} (seed {seed}): {message}") from None
+    except UserError as e:
+        raise UserError(f"{script}, for {name} (seed {seed}): {e}") from None
 
 
 def run_condition(name, seed, args, device=None):
@@ -439,7 +507,9 @@ def run_condition(name, seed, args, device=None):
     cond, folder = CONDITIONS[name], run_folder(args, name, seed)
     final, results = os.path.join(folder, "final.safetensors"), os.path.join(folder, "eval", "metrics.json")
     training, evaluation = commands(name, seed, args)
-    claim_folder(folder, {"train.py": training, "eval.py": evaluation})
+    on_training = training_evals(name, seed, args)
+    claim_folder(folder, {"train.py": training, "eval.py": evaluation,
+                          **{f"eval.py {os.path.basename(out)}": argv for _, out, argv in on_training}})
     if cond.train and not os.path.exists(final):
         resuming = os.path.exists(os.path.join(folder, "config.json"))
         print(f"  training{' (resuming)' if resuming else ''}: {folder}", flush=True)
@@ -447,6 +517,13 @@ def run_condition(name, seed, args, device=None):
     if not os.path.exists(results):
         print(f"  evaluating: {folder}", flush=True)
         launch("eval.py", evaluation, args, device, folder)
+    for pool_flags, out, argv in on_training:
+        if not os.path.exists(os.path.join(out, "metrics.json")):
+            print(f"  evaluating on its training questions: {out}", flush=True)
+            os.makedirs(out, exist_ok=True)
+            pool = train.training_pool(train.parse_args(pool_flags))
+            lora.write_atomic(os.path.join(out, "questions.jsonl"), "".join(json.dumps(q) + "\n" for q in pool))
+            launch("eval.py", argv, args, device, folder)
     with open(results) as f:
         return next(iter(json.load(f).values()))
 
@@ -456,14 +533,17 @@ def claim_folder(folder, commands):
     grid that would run other commands there (another --train-args, --n, --model, ... on a shared --runs) is
     refused instead of reusing results that are not its own."""
     path = os.path.join(folder, "commands.json")
+    recorded = {}
     if os.path.exists(path):
         with open(path) as f:
-            if json.load(f) != commands:
-                raise UserError(f"{folder} holds a run with other flags (see {path}); use another --runs, or the "
-                                "flags it was run with")
-        return
-    os.makedirs(folder, exist_ok=True)
-    lora.write_atomic(path, json.dumps(commands, indent=2))
+            recorded = json.load(f)
+        if any(recorded.get(script, argv) != argv for script, argv in commands.items()):
+            raise UserError(f"{folder} holds a run with other flags (see {path}); use another --runs, or the "
+                            "flags it was run with")
+        if commands.keys() <= recorded.keys():
+            return
+    os.makedirs(folder, exist_ok=True)   # a grid that evaluates more of the run (the stress grid) adds its commands
+    lora.write_atomic(path, json.dumps({**recorded, **commands}, indent=2))
 
 
 def launch(script, argv, args, device, folder):
@@ -598,8 +678,8 @@ def mean_log(name, args):
     logs = [data.read_records(os.path.join(run_folder(args, name, s), "metrics.jsonl"))
             for s in seeds_of(name, args)]
     steps = min(map(len, logs))
-    keys = ("reward", "calibration_gap", "accuracy")
-    return [{"step": i, **{k: np.mean([log[i][k] for log in logs if log[i][k] is not None] or [np.nan])
+    keys = ("reward", "calibration_gap", "accuracy", "answer_push_labeled", "answer_push_unlabeled")
+    return [{"step": i, **{k: np.mean([log[i][k] for log in logs if log[i].get(k) is not None] or [np.nan])
                            for k in keys}} for i in range(steps)]
 
 

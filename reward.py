@@ -10,7 +10,13 @@ a falling mix only turns labeled questions into unlabeled ones (a rising one the
 
 The Brier reward alone pays a confidently wrong answer stated at 0% as much as a right one at 100%: nothing in
 it rewards being right. RLCR (Damani et al. 2025) adds a
-correctness term for that reason; `correct_weight` W adds W * correct on labeled questions (0 = the paper).
+correctness term for that reason; `correct_weight` W adds W * correct on labeled questions (0 = the paper). A
+negative W pays wrong answers outright: the positive control of `experiments.py stress`, which asks whether RL
+can move the model's answers at all at a given dose; it is not a method.
+
+Below c = 0.5 the Brier reward pays a wrong answer more than a right one stated at the same confidence c, by
+1 - 2c: on a question the policy gets partly right but states low confidence about, the advantage pushes the
+answer tokens towards the wrong answers. `answer_push` measures that force on one question's rollouts.
 
 Stability is not a probability: a policy right half the time with one wrong alternative has expected s = 0.70,
 so the raw target over-rewards agreement. `--stability-target platt` replaces s on unlabeled questions by
@@ -64,6 +70,19 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
         "parsed": [a is not None and c is not None for a, c in parsed],
         "abstained": [calib.is_abstention(a) for a in answers],
     }
+
+
+def answer_push(rewards, parts):
+    """The force of a question's rewards on its answers: mean advantage of the right rollouts - mean advantage of
+    the wrong ones, over the rollouts whose answer and confidence were parsed (the baseline cancels: it is the
+    difference of their mean rewards). Negative: the step pushes the policy towards wrong answers. None when the
+    parsed rollouts are not both right and wrong (no answer is preferred). Correctness is judged against the
+    question's answers whether or not the reward saw them (an unlabeled question's reward does not)."""
+    right = [r for r, y, ok in zip(rewards, parts["correct"], parts["parsed"]) if ok and y]
+    wrong = [r for r, y, ok in zip(rewards, parts["correct"], parts["parsed"]) if ok and not y]
+    if not right or not wrong:
+        return None
+    return float(np.mean(right) - np.mean(wrong))
 
 
 class StabilityCalibration:

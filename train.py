@@ -24,7 +24,8 @@ Flags that depart from the paper's estimator (its choice is each one's default, 
                              model);
   --stability-target platt   the unlabeled target is P(correct | s), fitted to the labeled rollouts so far;
   --stability-target cluster each rollout's own target: the share of the N answers in its answer's cluster;
-  --correct-weight W         RLCR's correctness bonus on labeled questions;
+  --correct-weight W         RLCR's correctness bonus on labeled questions (W < 0: a positive control that pays
+                             wrong answers, to see whether answers can move at all);
   --paraphrases K            a question asked K ways, N / K rollouts each, its stability over all N (the paper's
                              open question);
   --mix-schedule START:END   a curriculum of the labeled share.
@@ -118,8 +119,9 @@ def parser():
                         "REINFORCE) or only its confidence statement, from the 'Confidence:' label that is read on "
                         "(the stability reward depends on nothing else); labeled questions, and rollouts without a "
                         "parsable answer and confidence, always credit all tokens")
-    g.add_argument("--correct-weight", type=cli.non_negative, default=0.0,
-                   help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward)")
+    g.add_argument("--correct-weight", type=cli.finite, default=0.0,
+                   help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward; below 0 it pays "
+                        "wrong answers: the positive control of experiments.py stress, not a method)")
     g.add_argument("--rollouts", type=cli.count, default=8, help="answers sampled per question (N, at least 2)")
     g.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
                    help="ask each question K ways, N / K rollouts each, and measure its stability over all N "
@@ -573,7 +575,7 @@ def train_step(model, tok, optimizer, questions, ids, labeled, args, step, n_que
     t2 = time.perf_counter()
     loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * n, starts)
     t3 = time.perf_counter()
-    return {"groups": groups, "labeled": labeled, "loss": loss, "mismatch": mismatch, "learned_tokens": learned,
+    return {"groups": groups, "ids": [int(i) for i in ids], "labeled": labeled, "loss": loss, "mismatch": mismatch, "learned_tokens": learned,
             "tokens": sum(len(c.ids) for c in out), "rollout_s": t1 - t0, "learn_s": t3 - t2}
 
 
@@ -615,6 +617,11 @@ def step_record(shares):
     mean = lambda v: float(np.mean(v)) if len(v) else None
     total = lambda key: sum(s[key] for s in shares)
     slowest = lambda key: max(s[key] for s in shares)   # the step waits for the slowest process
+    # The force on the answers (reward.answer_push): negative pushes them towards wrong ones. Averaged over the
+    # questions whose parsed rollouts are both right and wrong, labeled and unlabeled apart.
+    ids = [i for s in shares for i in s["ids"]]
+    push = [reward.answer_push(rs, p) for rs, p in groups]
+    pushed = lambda kind: [x for x, lab in zip(push, labeled) if lab == kind and x is not None]
     return {
         "reward": mean(rewards), "reward_brier": mean(by_kind(True)), "reward_stability": mean(by_kind(False)),
         "accuracy": mean([y and ok for p in parts for y, ok in zip(p["correct"], p["parsed"])]),   # as eval.py
@@ -625,6 +632,11 @@ def step_record(shares):
         "abstention_rate": mean([a for p in parts for a in p["abstained"]]),
         "confidence_at_0_or_1": mean([c in (0.0, 1.0) for c in conf]) if conf else None,
         "same_reward_share": mean([len(set(rs)) == 1 for rs, _ in groups]),
+        "answer_push_labeled": mean(pushed(True)), "answer_push_unlabeled": mean(pushed(False)),
+        "paid_to_be_wrong": mean([x < 0 for x in pushed(True)]),
+        # per question (its pool index, share of rollouts right, its push): for looking at pushes by kind of question
+        "questions": [[i, mean([y and ok for y, ok in zip(p["correct"], p["parsed"])]), x]
+                      for i, (_, p), x in zip(ids, groups, push)],
         "labeled_share": mean(labeled), "tokens": total("tokens"), "loss": total("loss"),
         "policy_mismatch": total("mismatch") / max(1, total("learned_tokens")),
         "rollout_s": slowest("rollout_s"), "learn_s": slowest("learn_s"),

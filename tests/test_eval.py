@@ -199,7 +199,15 @@ def test_one_question_under_the_microscope(tmp_path, tiny_tied, formatted, capsy
             if r["confidence"] is not None and r["answer"] is not None:
                 assert r["brier_reward"] == pytest.approx(1 - (r["correct"] - r["confidence"]) ** 2)
                 assert r["stability_reward"] == pytest.approx(1 - (shown[label]["stability"] - r["confidence"]) ** 2)
+        pushed = [r for r in rows if r["confidence"] is not None and r["answer"] is not None]
+        if {r["correct"] for r in pushed} == {True, False}:   # mean Brier advantage of right - of wrong samples
+            assert shown[label]["answer_push_labeled"] == pytest.approx(
+                np.mean([r["brier_advantage"] for r in pushed if r["correct"]])
+                - np.mean([r["brier_advantage"] for r in pushed if not r["correct"]]))
+        else:
+            assert shown[label]["answer_push_labeled"] is None
     out = capsys.readouterr().out
+    assert "answer push" in out
     assert "base: greedy answer" in out and "a: greedy answer" in out and "R Brier" in out
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--answers", "6", "--out", str(tmp_path / "e")])

@@ -92,3 +92,20 @@ def test_cluster_shares_target_each_rollout_with_its_own_answers_frequency():
     rewards, _ = reward.group_rewards(responses, ["Paris"], labeled=False,
                                       target=lambda s, answers: calib.cluster_shares(answers))
     assert rewards == pytest.approx([1 - (0.75 - 0.5) ** 2] * 6 + [1 - (0.25 - 0.5) ** 2] * 2)
+
+
+def test_answer_push_is_the_advantage_of_right_over_wrong_answers():
+    at = lambda answers, c: [f"Answer: {a}\nConfidence: {c:.0%}" for a in answers]
+    four = ["Paris", "Lyon", "Paris", "Nice"]
+    for c in (0.3, 0.9):   # the same confidence everywhere: Brier pays wrong over right by 1 - 2c
+        rewards, parts = reward.group_rewards(at(four, c), ["Paris"], labeled=True)
+        assert reward.answer_push(rewards, parts) == pytest.approx(2 * c - 1)
+        rewards, parts = reward.group_rewards(at(four, c), ["Paris"], labeled=False)
+        assert reward.answer_push(rewards, parts) == pytest.approx(0)   # stability does not see correctness
+        control = reward.group_rewards(at(four, c), ["Paris"], labeled=True, correct_weight=-1)
+        assert reward.answer_push(*control) == pytest.approx(2 * c - 2)   # the positive control: always negative
+    # unparsed rollouts are left out; all right (or all wrong) prefers no answer
+    rewards, parts = reward.group_rewards(["Answer: Lyon"] + at(["Paris", "Nice"], 0.3), ["Paris"], True)
+    assert reward.answer_push(rewards, parts) == pytest.approx(-0.4)
+    assert reward.answer_push(*reward.group_rewards(at(["Paris"] * 3, 0.3), ["Paris"], True)) is None
+    assert reward.answer_push(*reward.group_rewards(at(["Lyon", "Nice"], 0.3), ["Paris"], True)) is None

@@ -5,6 +5,7 @@ import json
 import os
 import types
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_questions
@@ -12,6 +13,7 @@ from conftest import write_questions
 import calib
 import data
 import lora
+import reward
 import train
 from model import ChatTokenizer, UserError, load_model
 from rollout import Completion
@@ -202,10 +204,17 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     model_dir, questions = formatted
     full = run(tmp_path, model_dir, questions)
     log = records(full)
+    config = json.load(open(full / "config.json"))
+    draw = reward.labeled_draw(config["data"], config["mix"], config["seed"])
     assert [r["step"] for r in log] == list(range(8))
     assert any(r["reward"] > 0 for r in log) and any(r["same_reward_share"] < 1 for r in log)
     assert all(r["parse_failure_rate"] < 1 for r in log)
     assert all(r["policy_mismatch"] < 1e-5 for r in log)   # fp32: the sampler is the policy being trained
+    for r in log:   # the force on the answers, from the step's own per-question pushes
+        for kind, labeled in (("labeled", True), ("unlabeled", False)):
+            mine = [x for i, _, x in r["questions"] if x is not None and bool(draw[i]) == labeled]
+            assert r[f"answer_push_{kind}"] == (pytest.approx(np.mean(mine)) if mine else None)
+        assert len(r["questions"]) == 4 and all(0 <= acc <= 1 for _, acc, _ in r["questions"])
     config = json.load(open(full / "config.json"))
     assert config["mix"] == 0.5 and config["lr"] == 5e-3
     assert sorted(os.listdir(full)) == ["adapter-00003.safetensors", "adapter-00004.safetensors",
@@ -372,7 +381,7 @@ def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkey
     (["--lr", "-0.001"], "--lr: must be above 0"),
     (["--is-cap", "nan"], "--is-cap: must be a finite number"),
     (["--correct-weight", "nan"], "--correct-weight: must be a finite number"),
-    (["--correct-weight", "-1"], "--correct-weight: must be 0 or more"),
+    (["--correct-weight", "inf"], "--correct-weight: must be a finite number"),
     (["--mix", "nan"], "--mix: must be a finite number"),
     (["--max-steps", "0"], "--max-steps: must be at least 1, got 0"),
     (["--max-steps", "-3"], "--max-steps: must be at least 1, got -3"),
