@@ -46,6 +46,7 @@ import cli
 import data
 import eval as evaluate
 import lora
+import reward
 import train
 from model import UserError
 
@@ -256,6 +257,7 @@ class Claim:
     figure_b: str = ""   # a second figure of the same condition, instead of figure(b)
     absolute: bool = False   # compare sizes: a calibration gap of -40% is not better than one of +35%
     within: tuple = ()   # (field, value): only the questions whose field has that value, e.g. ("fame", "rare")
+    questions: str = "eval"   # the evaluation compared: "eval" (held out) or "eval-train" (the run's own questions)
 
 
 CLAIMS = {
@@ -286,6 +288,19 @@ CLAIMS = {
         Claim("Run C trained on four phrasings ranks better", "auroc", "C-k4", "C-k1"),
     ],
 }
+CLAIMS["stress"] = [   # the paper's headline claim at more doses of reuse (held-out questions unless said)
+    *(Claim(f"Pure Brier loses accuracy when its labels are reused: {dose}", "accuracy", "A", name)
+      for name, dose in (("B", "2 epochs (the paper's run B)"), ("B-e4", "4 epochs"), ("B-e8", "8 epochs"),
+                         ("B-lr3", "2 epochs at 3x the learning rate"))),
+    Claim("... on the questions it trained on, 8 epochs", "accuracy", "A", "B-e8", questions="eval-train"),
+    *(Claim(f"... about {fame} people, 8 epochs", "accuracy", "A", "B-e8", within=("fame", fame))
+      for fame in ("rare", "unwritten")),
+    *(Claim(f"The 50/50 mix keeps more accuracy than pure Brier: {dose}", "accuracy", c, b)
+      for c, b, dose in (("C", "B", "2 epochs"), ("C-e4", "B-e4", "4 epochs"), ("C-e8", "B-e8", "8 epochs"),
+                         ("C-lr3", "B-lr3", "2 epochs at 3x the learning rate"))),
+    Claim("Positive control: a reward that pays wrong answers moves them (8 epochs)", "accuracy", "A", "control-e8"),
+    Claim("... on the questions it trained on", "accuracy", "A", "control-e8", questions="eval-train"),
+]
 OSCILLATION = "sd of the 25-step moving average of the calibration gap over the second half of training"
 MIN_SEEDS = 3   # the oscillation claim's interval is over seeds: fewer give no interval worth the name
 
@@ -307,28 +322,32 @@ def claim_test(claim, args, resamples=1000):
         diffs = [oscillation(args, claim.a, s) - oscillation(args, claim.b, s) for s in seeds_of(claim.a, args)]
         low, high = calib.bootstrap(diffs, lambda d: {"d": float(np.mean(d))}, resamples)["d"]
         return float(np.mean(diffs)), (low, high), "seeds"
-    records = {name: [responses(args, name, s) for s in seeds_of(name, args)] for name in (claim.a, claim.b)}
-    questions = [r["question"] for r in records[claim.a][0]]
-    if any([r["question"] for r in rows] != questions for runs in records.values() for rows in runs):
+    records = {name: [responses(args, name, s, claim.questions) for s in seeds_of(name, args)]
+               for name in (claim.a, claim.b)}
+    # Paired: the runs of one seed answered the same questions (held out: every run the same; a run's own
+    # training questions: those of its seed), and each resample draws the same question positions for all.
+    first = lambda seed: records[claim.a][min(seed, len(records[claim.a]) - 1)]
+    if any([r["question"] for r in rows] != [r["question"] for r in first(s)]
+           for runs in records.values() for s, rows in enumerate(runs)):
         raise UserError(f"{claim.a} and {claim.b} were not evaluated on the same questions: rerun their "
                         "evaluations with the same --n and --eval-args")
+    questions = records[claim.a][0]
 
     def figure(runs, key, index):   # the figure of a condition on these questions, averaged over its seeds
-        values = [evaluate.figures([rows[i] for i in index])[key] for rows in runs]
+        mine = [[rows[i] for i in index if not claim.within or rows[i][field] == value] for rows in runs]
+        values = [evaluate.figures(rows)[key] if rows else float("nan") for rows in mine]   # a resample may lack them
         return abs(np.mean(values)) if claim.absolute else np.mean(values)
 
-    if claim.within:   # a field of the question: the same in every run, so the first run's records pick them
+    if claim.within:
         field, value = claim.within
-        if any(rows[i].get(field) != records[claim.a][0][i].get(field) for runs in records.values()
-               for rows in runs for i in range(len(questions))):
+        if any(rows[i].get(field) != first(s)[i].get(field) for runs in records.values()
+               for s, rows in enumerate(runs) for i in range(len(questions))):
             raise UserError(f"a claim within {field} = {value}: {field} differs between the runs of {claim.a} "
                             f"and {claim.b}; it must be a field of the question")
-        if not any(r.get(field) == value for r in records[claim.a][0]):
+        if not any(r.get(field) == value for r in questions):
             raise UserError(f"a claim within {field} = {value}: no evaluation question has it")
 
     def difference(index):
-        if claim.within:
-            index = [i for i in index if records[claim.a][0][i][field] == value]
         return {"d": figure(records[claim.a], claim.figure, index) - figure(records[claim.b], claim.figure_b or
                                                                           claim.figure, index)}
     # paired: each resample draws question indices once, for both conditions and every seed
@@ -662,9 +681,10 @@ def table_markdown(table, args, results):
     return lines
 
 
-def responses(args, name, seed):
-    """The per-question records of a condition's evaluation (eval.py's responses-<label>.jsonl)."""
-    folder = os.path.join(run_folder(args, name, seed), "eval")
+def responses(args, name, seed, evaluation="eval"):
+    """The per-question records of a condition's evaluation (eval.py's responses-<label>.jsonl): of the held-out
+    questions ("eval"), or of the run's own training questions ("eval-train")."""
+    folder = os.path.join(run_folder(args, name, seed), evaluation)
     return data.read_records(os.path.join(folder, next(f for f in sorted(os.listdir(folder))
                                                            if f.startswith("responses-"))))
 
@@ -698,6 +718,174 @@ def write_plots(args, table):
     return plots
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The stress grid's own sections: what reusing the labels does by fame class and on the questions trained on,
+# how many greedy answers it changed, the force behind it (train.py's per-question answer push), and accuracy
+# against the dose.
+
+DOSES = {   # label: ((condition, epochs), ...), drawn as one line of the dose figure
+    "pure Brier": (("A", 1), ("B", 2), ("B-e4", 4), ("B-e8", 8)),
+    "50/50 mix": (("C", 2), ("C-e4", 4), ("C-e8", 8)),
+    "pure Brier, 3x lr": (("B-lr3", 2),),
+    "50/50 mix, 3x lr": (("C-lr3", 2),),
+    "control (paid to be wrong)": (("control-e8", 8),),
+}
+PUSHED = ("B-e8", "C-e8", "B-lr3", "C-lr3", "control-e8")   # the runs whose logs carry per-question pushes
+
+
+def held_out_responses(args, name, seed):
+    """Greedy answers to the held-out questions of a condition's run of seed `seed`: the untrained model's one."""
+    return responses(args, name, seed if CONDITIONS[name].train else 0)
+
+
+def training_responses(args, name, seed):
+    """Greedy answers to the training questions of seed `seed` (the untrained model's included)."""
+    if CONDITIONS[name].train:
+        return responses(args, name, seed, "eval-train")
+    return responses(args, name, 0, f"eval-train-seed{seed}")
+
+
+def changed_share(rows, before):
+    """The share of questions whose greedy answer is not the same answer (calib.equivalent) as before's."""
+    if [r["question"] for r in rows] != [r["question"] for r in before]:
+        raise UserError("the answers compared are to different questions: rerun the evaluations with one --n")
+    return float(np.mean([not calib.equivalent(r["answer"], b["answer"]) for r, b in zip(rows, before)]))
+
+
+def by_fame_markdown(args, names):
+    """Accuracy by fame, and the share of greedy answers changed from the untrained model's, on the held-out
+    questions and on each run's own training questions: mean ± sd over seeds."""
+    lines = []
+    for title, get in (("held-out questions", held_out_responses),
+                       ("the questions each run trained on (its seed's 1,600)", training_responses)):
+        header = ["condition", "accuracy"] + [f"{fame}" for fame in FAMES] + ["answers changed from untrained"]
+        lines += [f"Accuracy by fame, {title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, label in names:
+            seeds = range(args.seeds)
+            runs = [get(args, name, s) for s in seeds]
+            before = [get(args, "untrained", s) for s in seeds]
+            values = [[np.mean([r["correct"] for r in rows])] +
+                      [np.mean([r["correct"] for r in rows if r.get("fame") == fame] or [np.nan]) for fame in FAMES] +
+                      [changed_share(rows, base)] for rows, base in zip(runs, before)]
+            lines.append("| " + " | ".join([label] + [spread(column, "accuracy") for column in zip(*values)]) + " |")
+        lines.append("")
+    return lines
+
+
+def spread(values, column):
+    values = [v for v in values if not np.isnan(v)]
+    if not values:
+        return "-"
+    return fmt(np.mean(values), column) + (f" ± {fmt(np.std(values, ddof=1), column)}" if len(values) > 1 else "")
+
+
+def pushes(args, name, seed):
+    """Every labeled or unlabeled question's push in a run's log: [(epoch, fame, labeled, push, share right)]; the
+    push is None where its rollouts were all right or all wrong."""
+    folder = run_folder(args, name, seed)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    pool = train.training_pool(train.parse_args(commands(name, seed, args)[0]))
+    labeled = reward.labeled_draw(len(pool), config["mix"], config["seed"])
+    return [(r["epoch"], pool[i].get("fame"), bool(labeled[i]), push, right)
+            for r in data.read_records(os.path.join(folder, "metrics.jsonl")) for i, right, push in r["questions"]]
+
+
+def push_markdown(args, labels):
+    """The mean labeled answer push by fame in each run's first and last epoch, with a 95% interval (a bootstrap
+    over the questions' pushes, pooled over steps and seeds)."""
+    header = ["condition", "epoch"] + list(FAMES) + ["all", "paid to be wrong"]
+    lines = ["The force behind a collapse: the mean answer push of labeled questions (mean advantage of right "
+             "rollouts - of wrong ones; negative: the step pushes towards wrong answers), over the questions whose "
+             "rollouts were both right and wrong, by fame, in the first and the last epoch; 95% bootstrap interval; "
+             "paid to be wrong: the share of those questions whose push is negative.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in PUSHED:
+        entries = [x for s in range(args.seeds) for x in pushes(args, name, s)]
+        last = max(x[0] for x in entries)
+        for epoch in sorted({0, last}):
+            mine = [x for x in entries if x[0] == epoch and x[2] and x[3] is not None]
+            cells = []
+            for fame in (*FAMES, None):
+                values = [x[3] for x in mine if fame is None or x[1] == fame]
+                if len(values) < 2:
+                    cells.append("-")
+                    continue
+                low, high = calib.bootstrap(values, lambda v: {"m": float(np.mean(v))})["m"]
+                cells.append(f"{np.mean(values):+.2f} [{low:+.2f}, {high:+.2f}]")
+            paid = f"{np.mean([x[3] < 0 for x in mine]):.0%}" if mine else "-"
+            lines.append("| " + " | ".join([labels[name], str(epoch + 1), *cells, paid]) + " |")
+    return lines + [""]
+
+
+def dose_plot(args, path):
+    """Accuracy against the number of passes over the labels, held out and on the questions trained on: one
+    line per reward, mean and sd over seeds; the untrained model dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, get, title in ((axes[0], held_out_responses, "held-out questions"),
+                           (axes[1], training_responses, "questions trained on")):
+        untrained = np.mean([np.mean([r["correct"] for r in get(args, "untrained", s)]) for s in range(args.seeds)])
+        ax.axhline(untrained, color="k", ls="--", lw=0.8, label="untrained")
+        for n, (label, points) in enumerate(DOSES.items()):
+            acc = [[np.mean([r["correct"] for r in get(args, name, s)]) for s in range(args.seeds)]
+                   for name, _ in points]
+            ax.errorbar([e for _, e in points], np.mean(acc, 1), yerr=np.std(acc, 1, ddof=1) if args.seeds > 1 else
+                        None, marker="os^v*"[n], color=f"C{n}", capsize=3, label=label, ls="-" if len(points) > 1 else "")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        ax.set_xlabel("epochs over the same 1,600 questions")
+        ax.set_title(title)
+    axes[0].set_ylabel("greedy accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, path), dpi=120)
+    plt.close(fig)
+
+
+def push_plot(args, path, labels):
+    """By fame, epoch by epoch: the share of rollouts right on the training questions (top) and the mean labeled
+    answer push (bottom), of the 8-epoch runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(FAMES), figsize=(12, 5.5), sharex=True, sharey="row")
+    for n, name in enumerate(("B-e8", "C-e8", "control-e8")):
+        entries = [x for s in range(args.seeds) for x in pushes(args, name, s)]
+        epochs = sorted({x[0] for x in entries})
+        for column, fame in enumerate(FAMES):
+            right = [np.mean([x[4] for x in entries if x[0] == e and x[1] == fame]) for e in epochs]
+            push = [np.mean([x[3] for x in entries if x[0] == e and x[1] == fame and x[2] and x[3] is not None]
+                            or [np.nan]) for e in epochs]
+            axes[0, column].plot([e + 1 for e in epochs], right, marker="o", color=f"C{n}", label=labels[name])
+            axes[1, column].plot([e + 1 for e in epochs], push, marker="o", color=f"C{n}")
+            axes[0, column].set_title(fame)
+            axes[1, column].axhline(0, color="k", lw=0.5)
+            axes[1, column].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("rollouts right")
+    axes[1, 0].set_ylabel("labeled answer push")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, path), dpi=120)
+    plt.close(fig)
+
+
+def stress_markdown(args, table):
+    labels = {name: label for name, label, _ in table.rows}
+    lines = ["## What reuse does, by fame and on the questions trained on", ""]
+    lines += by_fame_markdown(args, [(name, label) for name, label, _ in table.rows])
+    dose_plot(args, "dose.png")
+    lines += ["Accuracy against the dose (mean ± sd over seeds):", "", "![Accuracy against the dose](dose.png)", "",
+              "## The force behind a collapse", ""]
+    lines += push_markdown(args, labels)
+    push_plot(args, "push-by-fame.png", labels)
+    lines += ["Epoch by epoch, by fame, in the 8-epoch runs: the share of rollouts right on the training questions "
+              "and the mean labeled answer push:", "", "![Push and accuracy by fame](push-by-fame.png)", ""]
+    return lines
+
+
 def write_report(args, tables, results):
     spread = ("95% bootstrap intervals over the evaluation questions in brackets" if args.seeds == 1 else
               f"mean ± standard deviation over {args.seeds} seeds")
@@ -713,6 +901,8 @@ def write_report(args, tables, results):
             lines += [table.note, ""]
         for caption, path in write_plots(args, table):
             lines += [f"{caption}:", "", f"![{caption}]({path})", ""]
+    if args.grid == "stress":
+        lines += stress_markdown(args, tables[0])
     if args.grid in CLAIMS:
         lines += claims_markdown(args)
     lora.write_atomic(os.path.join(args.out, "report.md"), "\n".join(lines))

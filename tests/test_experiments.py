@@ -201,3 +201,41 @@ def test_per_group_columns_come_from_the_evaluations_group_table():
                for name, _, _ in t.rows)
     rows = {name for t in experiments.GRIDS["paraphrase"] for name, _, _ in t.rows}
     assert {experiments.CONDITIONS[name].eval for name in rows} == {experiments.ASKED}
+
+
+def test_a_grid_on_training_questions_evaluates_each_run_on_its_own_pool(tmp_path, formatted, grid, monkeypatch):
+    """The stress grid's machinery: every trained run also answers the questions it trained on (train.py's pool
+    for its seed), the untrained model each seed's; a claim on them pairs the runs of a seed; the log's
+    per-question pushes map back to the pool."""
+    model, questions = formatted
+    monkeypatch.setattr(experiments, "ON_TRAINING_QUESTIONS", {"two"})
+    monkeypatch.setitem(experiments.CLAIMS, "two", [
+        experiments.Claim("T beats untrained on its questions", "accuracy", "T", "T", "mean_confidence",
+                          questions="eval-train")])
+    experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
+    out = tmp_path / "grid"
+    args = experiments.parse_args(argv(tmp_path, model, questions, "--seeds", "2"))
+    for seed in (0, 1):
+        pool = train.training_pool(train.parse_args(experiments.commands("T", seed, args)[0]))
+        for folder in (out / f"T-seed{seed}" / "eval-train", out / "untrained-seed0" / f"eval-train-seed{seed}"):
+            asked = [r["question"] for r in experiments.data.read_records(next(folder.glob("responses-*.jsonl")))]
+            assert sorted(asked) == sorted(q["question"] for q in pool)
+        assert [r["question"] for r in experiments.training_responses(args, "untrained", seed)] == \
+            [r["question"] for r in experiments.training_responses(args, "T", seed)]   # the same order: paired
+        entries = experiments.pushes(args, "T", seed)
+        assert len(entries) == 8 and {e[0] for e in entries} == {0}   # 2 steps of 4 questions, epoch 0
+        log = experiments.data.read_records(out / f"T-seed{seed}" / "metrics.jsonl")
+        assert [e[3] for e in entries] == [x for r in log for _, _, x in r["questions"]]
+    assert set(json.load(open(out / "T-seed0" / "commands.json"))) == {"train.py", "eval.py", "eval.py eval-train"}
+    # the claim: mean over seeds of (accuracy - mean confidence) on each seed's own questions
+    figures = [experiments.evaluate.figures(experiments.training_responses(args, "T", s)) for s in (0, 1)]
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| T beats"))
+    assert f"| {np.mean([f['accuracy'] - f['mean_confidence'] for f in figures]):+.3f} |" in row, row
+
+
+def test_changed_share_counts_answers_that_are_not_the_same_answer():
+    before = [{"question": q, "answer": a} for q, a in (("a?", "Paris"), ("b?", "Lyon"), ("c?", None), ("d?", "x"))]
+    after = [{"question": q, "answer": a} for q, a in (("a?", "paris."), ("b?", "Nice"), ("c?", None), ("d?", "y"))]
+    assert experiments.changed_share(after, before) == 0.5
+    with pytest.raises(experiments.UserError, match="different questions"):
+        experiments.changed_share(after[::-1], before)
