@@ -13,7 +13,9 @@ import tempfile
 
 import torch
 
-from model import UserError
+
+class UserError(Exception):
+    """Bad input from the user (a path, a flag, a file). Scripts print it as a one-line error and exit."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -1,12 +1,17 @@
 """The data files: the question sets (TriviaQA from the Hugging Face hub, the tiny world's from world.py, or a
 local JSONL of {"question": ..., "answers": [...]}; every question is a dict with at least those two fields),
-and the JSONL logs the scripts write.
+the other phrasings of a question (the file's, or the model's own), the JSONL logs the scripts write, and
+write_atomic, how every result file is written.
 """
 
 import json
 import os
 
-from model import TINY, UserError
+import calib
+from cli import UserError
+from model import TINY
+from parallel import gather
+from rollout import generate
 
 
 TRIVIAQA = "mandarjoshi/trivia_qa"
@@ -38,6 +43,56 @@ def phrasings(question, k):
     exists."""
     ways = [question["question"]] + list(question.get("paraphrases", []))
     return [ways[j % len(ways)] for j in range(k)]
+
+
+def self_paraphrases(model, tok, questions, k, batch=64):
+    """k - 1 other phrasings of each question, written by the model before any training (its LoRA is still
+    zero): its greedy answer to each of calib.PARAPHRASE_PROMPTS. One that is empty, or the question again (or
+    an earlier paraphrase) after normalization, or not a question (no "?": an answer, say), is dropped.
+    Returns ({question: [paraphrases]}, dropped)."""
+    texts = list(dict.fromkeys(q["question"] for q in questions))
+    prompts = [tok.chat(calib.paraphrase_messages(text, j)) for text in texts for j in range(k - 1)]
+    out = [c for i in range(0, len(prompts), batch)
+           for c in generate(model, tok, prompts[i:i + batch], max_new_tokens=64, temperature=0)]
+    result, dropped = {}, 0
+    for n, text in enumerate(texts):
+        kept = []
+        for c in out[n * (k - 1):(n + 1) * (k - 1)]:
+            lines = c.text.strip().splitlines()
+            candidate = lines[0].removeprefix("Question:").strip() if lines else ""
+            if (not candidate.endswith("?") or not calib.normalize(candidate)
+                    or calib.normalize(candidate) in map(calib.normalize, [text, *kept])):
+                dropped += 1
+            else:
+                kept.append(candidate)
+        result[text] = kept
+    return result, dropped
+
+
+def with_paraphrases(model, tok, pool, args, rank, resuming):
+    """The pool with the phrasings --paraphrases asks for: the file's (K - 1 of them at least), or
+    (--paraphrase-source self) the model's, written by rank 0 at the run's start into OUT/paraphrases.json and
+    read back from it on resume; rank 0 hands them to every process."""
+    if args.paraphrase_source == "file":
+        short = next((q for q in pool if not has_paraphrases(q, args.paraphrases - 1)), None)
+        if short is not None:
+            raise UserError(f"--paraphrases {args.paraphrases}: {short['question']!r} of {args.dataset} has no list of "
+                            f"{args.paraphrases - 1} `paraphrases`; pass --paraphrase-source self to have the model "
+                            "write them")
+        return pool
+    cache = os.path.join(args.out, "paraphrases.json")
+    if rank == 0 and resuming and os.path.exists(cache):
+        written = read_json_object(cache)
+    elif rank == 0:
+        written, dropped = self_paraphrases(model, tok, pool, args.paraphrases)
+        print(f"paraphrases: the model wrote {sum(map(len, written.values()))} for {len(written)} questions; "
+              f"{dropped} dropped (empty, not a question, or the question again)", flush=True)
+    written = gather(written if rank == 0 else None)[0]   # every process asks the same ways
+    missing = [q["question"] for q in pool if q["question"] not in written]
+    if missing:
+        raise UserError(f"{cache} has no paraphrases of {missing[0]!r}: it belongs to another run; remove it, and "
+                        "the model writes them again")
+    return [{**q, "paraphrases": written[q["question"]]} for q in pool]
 
 
 def read_jsonl(path):
@@ -128,3 +183,23 @@ def read_json_object(path):
     if not isinstance(value, dict):
         raise UserError(f"{path} should hold a JSON object; remove it to have it written again")
     return value
+
+
+def write_atomic(path, data):
+    """Write to a temporary file, flush it to disk, then rename it over `path` and flush the directory entry:
+    a crash or a power loss leaves the old file or the new one, never half of one or an empty one."""
+    try:
+        with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:   # a full disk, Ctrl-C: no half-written temporary file is left behind
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -22,7 +22,8 @@ import cli
 import data
 import lora
 import reward
-from model import ChatTokenizer, UserError, load_model, model_id
+from cli import UserError
+from model import ChatTokenizer, load_model, model_id
 from parallel import distributed, gather, rank_and_world
 from rollout import check_length, generate, seed_of
 
@@ -51,7 +52,7 @@ def parse_args(argv=None):
                    "Qwen/Qwen3-4B-Instruct-2507)")
     p.add_argument("--dataset", help="'triviaqa' (its validation split), 'tiny' (world.py's) or a JSONL file "
                    "(default: 'tiny' for the tiny model, else 'triviaqa')")
-    p.add_argument("--n", "--questions", type=cli.count, default=1000, dest="n",
+    p.add_argument("--n", "--questions", type=cli.count, default=1000, dest="questions",
                    help="evaluation questions (a seeded subset; all if fewer)")
     p.add_argument("--prompt", choices=sorted(calib.PROMPTS), default="default",
                    help="'calibrated' adds the paper's instruction to express uncertainty conservatively")
@@ -347,7 +348,7 @@ def ask(args):
             print("answer push (mean advantage of right - of wrong samples; negative: towards wrong answers): " +
                   ", ".join(f"{'Brier' if k.endswith('_labeled') else 'stability'} " +
                             ("- (not both right and wrong)" if v is None else f"{v:+.3f}") for k, v in push.items()))
-    lora.write_atomic(os.path.join(args.out, "ask.json"), json.dumps({"question": args.ask, "answers": answers,
+    data.write_atomic(os.path.join(args.out, "ask.json"), json.dumps({"question": args.ask, "answers": answers,
                                                                        **shown}, indent=2))
     print(f"wrote {os.path.join(args.out, 'ask.json')}")
 
@@ -380,7 +381,7 @@ def evaluate(args, rank=0):
     pool = data.load_questions(args.dataset, "validation")
     if not pool:
         raise UserError(f"{args.dataset} holds no evaluation questions")
-    questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.n]]
+    questions = [pool[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(pool))[:args.questions]]
     if args.paraphrases > 1 and not all(data.has_paraphrases(q, args.paraphrases - 1) for q in questions):
         raise UserError(f"--paraphrases {args.paraphrases}: the questions of {args.dataset} have no list of "
                         f"{args.paraphrases - 1} `paraphrases` (the tiny world's questions carry three)")
@@ -405,7 +406,7 @@ def evaluate(args, rank=0):
 
     print_table(results)
     # atomic: experiments.py takes an existing metrics.json for a finished evaluation
-    lora.write_atomic(args.json or os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2))
+    data.write_atomic(args.json or os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2))
     reliability_diagram(records, os.path.join(args.out, "reliability.png"))
     if len(records) > 1:
         changes_markdown(records, os.path.join(args.out, "changes.md"))

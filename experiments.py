@@ -47,8 +47,9 @@ import data
 import eval as evaluate
 import lora
 import reward
+import run
 import train
-from model import UserError
+from cli import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,7 +68,7 @@ A, B, C = ("--data", "1600", "--epochs", "1", "--mix", "1"), (*SCARCE, "--mix", 
 BONUS = ("--correct-weight", "1")   # the RLCR-style correctness term
 ASKED = ("--rollouts", "8", "--paraphrases", "4", "--group-by", "fame")   # the last --group-by is the one taken
 FAMES = ("famous", "obscure", "rare", "unwritten")   # world.py's fame classes
-HIGH_LR = ("--lr", f"{3 * train.TINY_LR:g}")   # 3x the tiny model's default (9x a hub model's)
+HIGH_LR = ("--lr", f"{3 * run.TINY_LR:g}")   # 3x the tiny model's default (9x a hub model's)
 CONTROL = ("--correct-weight", "-1")   # R = Brier - correct: pays wrong answers outright (the positive control)
 
 
@@ -541,7 +542,7 @@ def run_condition(name, seed, args, device=None):
             print(f"  evaluating on its training questions: {out}", flush=True)
             os.makedirs(out, exist_ok=True)
             pool = train.training_pool(train.parse_args(pool_flags))
-            lora.write_atomic(os.path.join(out, "questions.jsonl"), "".join(json.dumps(q) + "\n" for q in pool))
+            data.write_atomic(os.path.join(out, "questions.jsonl"), "".join(json.dumps(q) + "\n" for q in pool))
             launch("eval.py", argv, args, device, folder)
     with open(results) as f:
         return next(iter(json.load(f).values()))
@@ -562,7 +563,7 @@ def claim_folder(folder, commands):
         if commands.keys() <= recorded.keys():
             return
     os.makedirs(folder, exist_ok=True)   # a grid that evaluates more of the run (the stress grid) adds its commands
-    lora.write_atomic(path, json.dumps({**recorded, **commands}, indent=2))
+    data.write_atomic(path, json.dumps({**recorded, **commands}, indent=2))
 
 
 def launch(script, argv, args, device, folder):
@@ -595,7 +596,7 @@ def run_grid(args):
     for device in args.devices:
         free.put(device)
 
-    def run(k, job):   # on the next free device; it is free again when the condition is done
+    def run_job(k, job):   # on the next free device; it is free again when the condition is done
         device = free.get()
         print(f"[{k + 1}/{len(jobs)}] {job[0]} seed {job[1]}" + (f" on {device}" if device else "")
               + f" ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
@@ -604,7 +605,7 @@ def run_grid(args):
         finally:
             free.put(device)
     with ThreadPoolExecutor(len(args.devices)) as pool:
-        results = dict(zip(jobs, pool.map(run, range(len(jobs)), jobs)))
+        results = dict(zip(jobs, pool.map(run_job, range(len(jobs)), jobs)))
     write_report(args, tables, results)
     print(f"wrote {os.path.join(args.out, 'report.md')} and its plots")
 
@@ -746,10 +747,14 @@ def training_responses(args, name, seed):
 
 
 def changed_share(rows, before):
-    """The share of questions whose greedy answer is not the same answer (calib.equivalent) as before's."""
+    """The share of questions whose greedy answer is not the same answer as before's (a missing answer is the
+    same as a missing one)."""
     if [r["question"] for r in rows] != [r["question"] for r in before]:
         raise UserError("the answers compared are to different questions: rerun the evaluations with one --n")
-    return float(np.mean([not calib.equivalent(r["answer"], b["answer"]) for r, b in zip(rows, before)]))
+    def same(a, b):   # one cluster (calib.cluster_keys), or both no answer
+        keys = calib.cluster_keys([a, b])
+        return keys[0] == keys[1] and (keys[0] is not None or (a is None and b is None))
+    return float(np.mean([not same(r["answer"], b["answer"]) for r, b in zip(rows, before)]))
 
 
 def by_fame_markdown(args, names):
@@ -905,7 +910,7 @@ def write_report(args, tables, results):
         lines += stress_markdown(args, tables[0])
     if args.grid in CLAIMS:
         lines += claims_markdown(args)
-    lora.write_atomic(os.path.join(args.out, "report.md"), "\n".join(lines))
+    data.write_atomic(os.path.join(args.out, "report.md"), "\n".join(lines))
 
 
 def main(argv=None):

@@ -16,7 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 import cli
-from model import UserError, resolve
+import data
+from cli import UserError
+from model import resolve
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,31 +88,11 @@ def adapter_state(model):
             for name, p in model.named_parameters() if "lora_" in name}
 
 
-def write_atomic(path, data):
-    """Write to a temporary file, flush it to disk, then rename it over `path` and flush the directory entry:
-    a crash or a power loss leaves the old file or the new one, never half of one or an empty one."""
-    try:
-        with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:   # a full disk, Ctrl-C: no half-written temporary file is left behind
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def save_adapter(model, path, step, config):
     """Write the adapter atomically (a temporary file, then a rename), with its metadata."""
     meta = {"base_model": model.name_or_path, "rank": str(model.lora["rank"]), "alpha": str(model.lora["alpha"]),
             "targets": json.dumps(model.lora["targets"]), "step": str(step), "config": json.dumps(config)}
-    write_atomic(path, save(adapter_state(model), metadata=meta))
+    data.write_atomic(path, save(adapter_state(model), metadata=meta))
 
 
 def peft_folder_of(path):
@@ -127,8 +109,8 @@ def save_peft_folder(folder, tensors, meta):
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]),
               "target_modules": json.loads(meta["targets"]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base}
-    write_atomic(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata=meta))
-    write_atomic(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
+    data.write_atomic(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata=meta))
+    data.write_atomic(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
 
 
 def read_adapter(path):

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-
-class UserError(Exception):
-    """Bad input from the user (a path, a flag, a file). Scripts print it as a one-line error and exit."""
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from model import UserError
+from cli import UserError
+
 
 DIST_TIMEOUT = datetime.timedelta(minutes=30)   # a rank that died stops the others with an error, not a hang
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import KVCache, UserError
+from cli import UserError
+from model import KVCache
 
 
 @dataclass

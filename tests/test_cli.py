@@ -6,7 +6,7 @@ import math
 import pytest
 
 import cli
-from model import UserError
+from cli import UserError
 
 
 def test_numbers_refuse_nan_inf_and_what_is_out_of_range():

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import data
-from model import UserError
+from cli import UserError
 
 
 def test_malformed_jsonl_names_its_line(tmp_path):
@@ -77,3 +77,15 @@ def test_unreachable_hub_for_triviaqa_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="unreachable.*local JSONL.*--model tiny --dataset tiny"):
         data.load_questions("triviaqa", "train")
+
+
+def test_write_atomic_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(
+        f"/proc/self/fd/{fd}")))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b))
+    data.write_atomic(str(tmp_path / "f.json"), "{}")
+    assert events == [("fsync", "f.json.tmp"), ("replace", "f.json"), ("fsync", tmp_path.name)]
+    assert (tmp_path / "f.json").read_text() == "{}" and not (tmp_path / "f.json.tmp").exists()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import parallel
 import train
-from model import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--model", "tiny", "--dataset", "tiny", "--data", "16", "--epochs", "2", "--batch", "8", "--rollouts", "4",

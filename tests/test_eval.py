@@ -10,7 +10,8 @@ import calib
 import data
 import eval as evaluate
 import lora
-from model import UserError, load_model
+from cli import UserError
+from model import load_model
 
 
 def adapter(model_dir, path, seed=0):

@@ -8,7 +8,8 @@ import torch
 from conftest import hf_model, write_questions
 
 import lora
-from model import UserError, load_model
+from cli import UserError
+from model import load_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
 
@@ -58,18 +59,6 @@ def test_merge_only_where_exact_bf16_keeps_the_low_rank_path(tiny_untied):
         lora.unmerge(model)
     assert torch.equal(sampled, trained)
     assert not torch.equal(trained, load_model(tiny_untied, torch.bfloat16)(IDS))   # the update is not lost
-
-
-def test_write_atomic_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
-    import os
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(
-        f"/proc/self/fd/{fd}")))) or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b))
-    lora.write_atomic(str(tmp_path / "f.json"), "{}")
-    assert events == [("fsync", "f.json.tmp"), ("replace", "f.json"), ("fsync", tmp_path.name)]
-    assert (tmp_path / "f.json").read_text() == "{}" and not (tmp_path / "f.json.tmp").exists()
 
 
 def test_adapter_round_trip_and_peft_gives_the_same_logits(tmp_path, tiny_tied):

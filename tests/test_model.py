@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import HYBRID_TEMPLATE, INSTRUCT_TEMPLATE, hf_model, write_model
 
-from model import ChatTokenizer, KVCache, UserError, load_model
+from cli import UserError
+from model import ChatTokenizer, KVCache, load_model
 from rollout import generate
 
 

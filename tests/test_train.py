@@ -14,8 +14,10 @@ import calib
 import data
 import lora
 import reward
+import run
 import train
-from model import ChatTokenizer, UserError, load_model
+from cli import UserError
+from model import ChatTokenizer, load_model
 from rollout import Completion
 
 
@@ -158,7 +160,8 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
 def sampler_learner_mismatch(model, tok, questions, temperature=1.0):
     """policy_mismatch of one step's rollouts: mean |log p_learner - log p_sampler| over the sampled tokens."""
     args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0, paraphrases=1)
-    prompts, out = train.rollouts(model, tok, questions, range(len(questions)), args, step=0)
+    prompts, answers = train.rollouts(model, tok, questions, range(len(questions)), args, step=0)
+    out = [c for mine in answers for c in mine]
     with torch.no_grad():
         logp, mask = train.completion_logprobs(model, prompts, [c.ids for c in out], 4, temperature)
     sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor([x for c in out for x in c.logprobs]))
@@ -187,7 +190,7 @@ def test_sampler_and_learner_are_one_policy_in_bf16():
     assert sampler_learner_mismatch(tiny_with_adapter(torch.float32, 0.02), tok, questions, 1.5) < 1e-5
 
 
-def run(tmp_path, model, questions, *extra, out="run"):
+def train_run(tmp_path, model, questions, *extra, out="run"):
     argv = ["--model", model, "--dataset", questions, "--data", "16", "--epochs", "2", "--batch", "4",
             "--rollouts", "4", "--max-new-tokens", "12", "--lr", "5e-3", "--save-every", "3", "--out",
             str(tmp_path / out), "--ckpt", str(tmp_path / f"{out}.safetensors"), *extra]
@@ -202,7 +205,7 @@ def records(folder):
 
 def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatted):
     model_dir, questions = formatted
-    full = run(tmp_path, model_dir, questions)
+    full = train_run(tmp_path, model_dir, questions)
     log = records(full)
     config = json.load(open(full / "config.json"))
     draw = reward.labeled_draw(config["data"], config["mix"], config["seed"])
@@ -235,11 +238,11 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
         assert not torch.equal(trained(ids), load_model(model_dir)(ids))
 
     # interrupted after 5 steps, then resumed: the same adapter and the same log as the uninterrupted run
-    part = run(tmp_path, model_dir, questions, "--max-steps", "5", out="part")
+    part = train_run(tmp_path, model_dir, questions, "--max-steps", "5", out="part")
     assert not (tmp_path / "part.safetensors").exists() and len(records(part)) == 5
     with open(part / "metrics.jsonl", "a") as f:   # a step logged after the last checkpoint, then a crash
         f.write(json.dumps({"step": 5, "reward": -1}) + "\n")
-    run(tmp_path, model_dir, questions, "--resume", out="part")
+    train_run(tmp_path, model_dir, questions, "--resume", out="part")
     assert records(part) == log
     from safetensors.torch import load_file
     a, b = load_file(str(final)), load_file(str(tmp_path / "part.safetensors"))
@@ -249,15 +252,15 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
 def test_platt_target_and_confidence_credit_train_and_resume_exactly(tmp_path, formatted):
     model_dir, questions = formatted
     flags = ("--stability-target", "platt", "--credit", "confidence")
-    full = run(tmp_path, model_dir, questions, *flags, out="platt")
+    full = train_run(tmp_path, model_dir, questions, *flags, out="platt")
     log = records(full)
     # beside the raw target with the same seed: step 0 is the same (nothing labeled seen yet), so step 1 samples
     # the same rollouts, and only the fitted map can make its target differ
-    raw = records(run(tmp_path, model_dir, questions, "--credit", "confidence", out="raw"))
+    raw = records(train_run(tmp_path, model_dir, questions, "--credit", "confidence", out="raw"))
     assert log[0] == raw[0] and log[1]["stability"] == raw[1]["stability"]
     assert log[1]["stability_target"] != raw[1]["stability_target"]
-    run(tmp_path, model_dir, questions, *flags, "--max-steps", "5", out="cut")
-    run(tmp_path, model_dir, questions, *flags, "--resume", out="cut")
+    train_run(tmp_path, model_dir, questions, *flags, "--max-steps", "5", out="cut")
+    train_run(tmp_path, model_dir, questions, *flags, "--resume", out="cut")
     assert records(tmp_path / "cut") == log
     from safetensors.torch import load_file
     a, b = load_file(str(tmp_path / "platt.safetensors")), load_file(str(tmp_path / "cut.safetensors"))
@@ -291,7 +294,7 @@ def test_confidence_credit_puts_the_advantage_on_the_confidence_tokens_only(tiny
 
 def test_mix_schedule_moves_the_labeled_share_linearly(tmp_path, formatted):
     model_dir, questions = formatted
-    folder = run(tmp_path, model_dir, questions, "--mix-schedule", "1:0", "--data", "24", "--batch", "8",
+    folder = train_run(tmp_path, model_dir, questions, "--mix-schedule", "1:0", "--data", "24", "--batch", "8",
                  "--epochs", "1", "--rollouts", "2", "--save-every", "9")
     log = records(folder)
     assert [r["mix"] for r in log] == [1.0, 0.5, 0.0]
@@ -479,7 +482,7 @@ def test_a_torn_log_line_never_blocks_resume(tmp_path, formatted, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "write", half)
     with pytest.raises(OSError, match="No space left"):
-        train.append_line(str(log), json.dumps({"step": 2}) + "\n")
+        run.append_line(str(log), json.dumps({"step": 2}) + "\n")
     assert log.read_bytes() == before
 
 
@@ -566,14 +569,14 @@ def test_a_start_that_fails_at_its_first_step_can_be_started_again(tmp_path, for
 
 def test_a_write_that_fails_mid_run_says_where_to_resume(tmp_path, formatted, monkeypatch):
     model, questions = formatted
-    real, calls = train.save_checkpoint, []
+    real, calls = run.save_checkpoint, []
 
     def full_disk(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return real(*a, **kw)
-    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    monkeypatch.setattr(run, "save_checkpoint", full_disk)
     with pytest.raises(UserError, match=r"cannot write to .*r \(No space left on device\); the last checkpoint is "
                                         "step 1 in .*r; the same command with --resume continues from it"):
         train.main(small(tmp_path, model, questions, tmp_path / "r"))
@@ -597,7 +600,9 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
     questions = data.read_jsonl(write_paraphrased(tmp_path / "q.jsonl", 2))
     args = types.SimpleNamespace(paraphrases=2, rollouts=4, max_new_tokens=12, temperature=1.0, seed=0, mix=0.5,
                                  correct_weight=0.0, credit="all", is_cap=2.0, clip=1.0, micro_batch_tokens=4096)
-    prompts, out = train.rollouts(model, tok, questions, [0, 1], args, step=0)
+    prompts, answers = train.rollouts(model, tok, questions, [0, 1], args, step=0)
+    assert [len(mine) for mine in answers] == [4, 4]   # each question's N answers together
+    out = [c for mine in answers for c in mine]
     asked = [tok.decode(p).split("Question: ")[1].split("\n")[0] for p in prompts]
     assert asked == ["What is 0 plus 0?", "0 plus 0 is what?", "What is 1 plus 1?", "1 plus 1 is what?"]
     assert [c.prompt for c in out] == [0, 0, 1, 1, 2, 2, 3, 3]   # N / K = 2 answers to each phrasing
@@ -607,11 +612,11 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
         assert torch.allclose(logp[i, :len(c.ids)], torch.tensor(c.logprobs), atol=1e-5)
     # stability and the baseline are the question's, over all N answers of its two phrasings
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    monkeypatch.setattr(train, "rollouts", lambda *a, **k: (prompts, out))
+    monkeypatch.setattr(train, "rollouts", lambda *a, **k: (prompts, answers))
     share = train.train_step(model, tok, optimizer, questions, [0, 1], [False, True], args, 0, 2)
-    for q, (rewards, parts) in enumerate(share["groups"]):
-        assert parts["stability"] == calib.stability([calib.parse(c.text)[0] for c in out[q * 4:(q + 1) * 4]])
-        assert len(rewards) == 4
+    for q, mine in zip(share["asked"], answers):
+        assert q.parts["stability"] == calib.stability([calib.parse(c.text)[0] for c in mine])
+        assert len(q.rewards) == 4 and q.rollouts == mine
     assert share["mismatch"] / share["learned_tokens"] < 1e-5   # learn() scored each against its own prompt
 
 
@@ -626,7 +631,7 @@ def test_self_paraphrases_are_written_once_and_reused_on_resume(tmp_path, format
 
     def never(*a, **k):
         raise AssertionError("a resumed run reads its paraphrases back")
-    monkeypatch.setattr(train, "self_paraphrases", never)
+    monkeypatch.setattr(data, "self_paraphrases", never)
     train.main(argv + ["--resume"])
     assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
     monkeypatch.undo()
@@ -664,6 +669,6 @@ def test_report_to_tensorboard_holds_every_logged_figure(tmp_path, formatted, mo
         assert [e.value for e in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
     assert "config/text_summary" in events.Tags()["tensors"]
     # a missing package is one line before anything runs, naming it
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
         train.parse_args(["--report-to", "wandb", "--out", str(tmp_path / "w")])

@@ -1,0 +1,379 @@
+"""A training run's machinery, apart from the method (train.py): its flags, and its folder (--out).
+
+The run folder holds config.json (every flag), metrics.jsonl (one line per step), a checkpoint every
+--save-every steps and at each epoch's end (adapter-<step>.safetensors, and state.pt: adapter, optimizer, step,
+for --resume) and, with --report-to, the tracker's files. Nothing finished is ever lost: every file is written
+atomically (data.write_atomic), a log line all or nothing, and a resumed run drops the lines of steps after its
+checkpoint and redoes them exactly. A start that fails leaves nothing behind: the folder is made only once the
+flags, the data and the model have all been checked (Folder.begin).
+"""
+
+import argparse
+import contextlib
+import errno
+import importlib.util
+import io
+import json
+import os
+import uuid
+
+import torch
+from tqdm import tqdm
+
+import calib
+import cli
+import data
+import lora
+from cli import UserError
+from model import model_id
+from parallel import barrier
+
+LR, TINY_LR = 1e-4, 3e-4   # --lr's defaults
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The flags.
+
+
+def mix_schedule(text):
+    try:
+        start, end = (cli.unit_interval(x) for x in text.split(":"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be START:END with both in [0, 1] (e.g. 1:0), got {text}") from None
+    return start, end
+
+
+def projections(text):
+    """--targets: comma-separated names of the projections given a LoRA, each one the model has."""
+    names = list(dict.fromkeys(t.strip() for t in text.split(",")))
+    unknown = [t for t in names if t not in lora.TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown projection {', '.join(map(repr, unknown)) or repr(text)}: "
+                                         f"choose from {','.join(lora.TARGETS)}")
+    return ",".join(names)
+
+
+def parser(doc):
+    """train.py's flags; doc: train.py's docstring (its first line describes, its last lines are examples)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], epilog="\n".join(doc.split("\n")[-3:]),
+                                formatter_class=cli.HelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="Qwen/Qwen3-4B-Instruct-2507",
+                   help="hub id, local model directory, or 'tiny' (world.py's)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   default="bfloat16" if torch.cuda.is_available() else "float32", help="weights' dtype")
+    g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:K")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="triviaqa",
+                   help="""'triviaqa' (its train split), 'tiny' (world.py's) or a JSONL of """
+                        """{"question": ..., "answers": [...]}""")
+    g.add_argument("--data", type=cli.count, default=1600, help="size of the training pool, a seeded subset")
+    g.add_argument("--epochs", type=cli.count, default=2, help="passes over the pool")
+    g = p.add_argument_group("method")
+    g.add_argument("--mix", type=cli.unit_interval, default=0.5,
+                   help="share of labeled questions (Brier reward); the rest get the stability reward")
+    g.add_argument("--mix-schedule", type=mix_schedule, metavar="START:END",
+                   help="a curriculum instead of a constant --mix: the share of labeled questions moves linearly "
+                        "from START at the first step to END at the last (e.g. 1:0, labeled-heavy first)")
+    g.add_argument("--stability-target", choices=["raw", "platt", "cluster"], default="raw",
+                   help="the unlabeled questions' target: stability s itself (the paper's); P(correct | s) by Platt "
+                        "scaling fitted to the labeled rollouts seen so far; or each rollout's own answer's share of "
+                        "the N answers (see reward.py)")
+    g.add_argument("--credit", choices=["all", "confidence"], default="all",
+                   help="which tokens of a rollout on an unlabeled question carry its advantage: all (the paper's "
+                        "REINFORCE) or only its confidence statement, from the 'Confidence:' label that is read on "
+                        "(the stability reward depends on nothing else); labeled questions, and rollouts without a "
+                        "parsable answer and confidence, always credit all tokens")
+    g.add_argument("--correct-weight", type=cli.finite, default=0.0,
+                   help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward; below 0 it pays "
+                        "wrong answers: the positive control of experiments.py stress, not a method)")
+    g.add_argument("--rollouts", type=cli.count, default=8, help="answers sampled per question (N, at least 2)")
+    g.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
+                   help="ask each question K ways, N / K rollouts each, and measure its stability over all N "
+                        "answers (1: the question as it is, the paper's)")
+    g.add_argument("--paraphrase-source", choices=["file", "self"], default="file",
+                   help="where the other K - 1 phrasings come from: the question file's `paraphrases` field, or "
+                        "the base model itself, asked to rephrase each question once (greedy; cached in --out)")
+    g.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
+    g.add_argument("--temperature", type=cli.positive, default=1.0,
+                   help="sampling temperature of the rollouts (the learner's log-probs use it too)")
+    g.add_argument("--is-cap", type=cli.non_negative, default=2.0,
+                   help="C of the truncated importance weight min(p_learn / p_sample, C) on each token's "
+                        "advantage, which corrects what sampler-learner mismatch remains (0: none)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch", type=cli.count, default=8, help="questions per step")
+    g.add_argument("--micro-batch-tokens", type=cli.count, default=2048,
+                   help="token positions per forward/backward in the learning step, counted as questions x "
+                        "(prompt + rollouts x longest answer): bounds its memory (one question at least)")
+    g.add_argument("--lr", type=cli.positive, help=f"AdamW learning rate of the LoRA weights (default: {LR} for hub "
+                   f"models; {TINY_LR} for --model tiny, whose few weights need larger steps)")
+    g.add_argument("--rank", type=cli.count, default=1, help="LoRA rank")
+    g.add_argument("--alpha", type=cli.positive, default=2.0,
+                   help="LoRA alpha (the update is scaled by alpha / rank)")
+    g.add_argument("--targets", type=projections, default=",".join(lora.TARGETS),
+                   help="comma-separated projections given a LoRA")
+    g.add_argument("--clip", type=cli.positive, default=1.0, help="gradient norm clip")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=cli.seed, default=0,
+                   help="seeds the pool, the labeled draw, the order and the samples")
+    g.add_argument("--out", default="runs/train", help="run folder: config.json, metrics.jsonl, checkpoints")
+    g.add_argument("--ckpt", default="ckpt.safetensors", help="where the final adapter is written")
+    g.add_argument("--save-every", type=cli.count, default=25, help="checkpoint every K steps (and at each epoch end)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--max-steps", type=cli.count, help="stop after this many steps in all (resume later to go on)")
+    g.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also send every log line and the config, as the run goes, to TensorBoard (OUT/tensorboard) "
+                        "or Weights & Biases (WANDB_MODE=offline works without an account)")
+    return p
+
+
+def parse_args(argv, doc):
+    """The flags, every one checked: nothing is loaded or written before this returns."""
+    p = parser(doc)
+    args = p.parse_args(argv)
+    if args.rollouts < 2:
+        p.error("--rollouts must be at least 2: stability compares answers")
+    if args.rollouts % args.paraphrases:
+        p.error(f"--rollouts {args.rollouts} does not divide among --paraphrases {args.paraphrases}; use a multiple")
+    if args.paraphrase_source == "self" and args.paraphrases - 1 > len(calib.PARAPHRASE_PROMPTS):
+        p.error(f"--paraphrase-source self writes at most {len(calib.PARAPHRASE_PROMPTS)} paraphrases: "
+                f"--paraphrases {len(calib.PARAPHRASE_PROMPTS) + 1} at most")
+    if args.stability_target == "platt" and max(args.mix_schedule or (args.mix,)) == 0:
+        p.error("--stability-target platt fits P(correct | s) to labeled questions: it needs --mix above 0")
+    if args.lr is None:
+        args.lr = TINY_LR if args.model == "tiny" else LR
+    cli.check_writable(args.out, "--out", folder=True)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise UserError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
+                        f"{args.report_to}")
+    cli.check_writable(args.ckpt, "--ckpt")
+    cli.check_writable(lora.peft_folder_of(args.ckpt), "--ckpt's PEFT folder", folder=True)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder.
+
+# A run folder is the run, wherever it is moved and however its path is spelled: --out may change on resume.
+RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens", "out", "report_to"}
+
+
+class Folder:
+    """One run's folder, as the loop uses it: check it (at construction, before anything is loaded), begin (make
+    it), log each step, checkpoint, finish (the final adapter); `interruptions` turns a stop into one line that
+    says where the run can resume from. Rank 0 alone writes; every process knows the last checkpoint."""
+
+    def __init__(self, args, rank=0):
+        """Is --out free for a new run, or the same run to resume? Reads, never writes. self.state: the resume
+        state (step, adapter, optimizer, calibration), or None to start at step 0."""
+        self.args, self.rank = args, rank
+        self.config = run_config(args)
+        self.state = check_run(args, self.config, rank)
+        self.log_file = os.path.join(args.out, "metrics.jsonl")
+        self.report = self.close_report = None
+        self.saved = self.step = 0   # the step of the last checkpoint; the step being taken
+
+    def begin(self, start, total_steps, files=None):
+        """Everything is checked: make the folder, write config.json (and `files`, {name: text}), start the
+        tracker, and drop log lines of steps after the checkpoint (they are about to be redone)."""
+        args = self.args
+        write_config(args, self.config, self.rank)
+        self.saved = start
+        if self.rank > 0:
+            return
+        self.report, self.close_report = tracker(args, self.config, start)
+        for name, text in (files or {}).items():
+            data.write_atomic(os.path.join(args.out, name), text)
+        keep_metrics_until(self.log_file, start)
+        if os.path.exists(args.ckpt) and start < total_steps:
+            print(f"note: --ckpt {args.ckpt} exists; this run replaces it when it finishes", flush=True)
+
+    def steps(self, start, end, total_steps):
+        """The steps to take, with a progress bar (steps, reward, accuracy, gap, ETA) on rank 0."""
+        self.bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step",
+                        disable=self.rank > 0)
+        for self.step in self.bar:
+            yield self.step
+
+    def log(self, record):
+        """A step's log line: metrics.jsonl, the progress bar, the tracker."""
+        if self.rank == 0:
+            append_line(self.log_file, json.dumps(record) + "\n")
+            show(self.bar, record)
+            if self.report:
+                self.report(record)
+
+    def checkpoint(self, model, optimizer, step, calibration):
+        """adapter-<step>.safetensors and state.pt: the run can resume from `step`."""
+        if self.rank == 0:
+            save_checkpoint(self.args, model, optimizer, step, self.config, calibration)
+        self.saved = step
+
+    @contextlib.contextmanager
+    def interruptions(self):
+        """Ctrl-C, a step that is not finite, a failed write: one line saying what was kept and how to go on."""
+        args = self.args
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(resume_hint(args, self.saved)) from None
+        except FloatingPointError as e:   # raised before the step's update: nothing of it is written
+            cause = ("A learning rate too high is the usual cause: try a lower --lr in a new --out" if self.step
+                     else "No update has happened yet: the base model or --temperature gives them")
+            raise UserError(f"step {self.step}: {e}; nothing of it was written ({args.out} holds the run up to "
+                            f"step {self.saved}). {cause}") from None
+        except OSError as e:   # a full disk, a folder gone: what was written before stays whole
+            raise UserError(f"cannot write to {args.out} ({e.strerror or e}); {resume_hint(args, self.saved)}") \
+                from None
+
+    def finish(self, model, end, total_steps):
+        """After the last step: the final adapter at --ckpt and its PEFT folder, or where to resume."""
+        self.bar.close()
+        if self.close_report:
+            self.close_report()
+        args = self.args
+        if self.rank == 0 and end == total_steps:
+            os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+            lora.save_adapter(model, args.ckpt, end, self.config)
+            lora.save_peft_folder(lora.peft_folder_of(args.ckpt), *lora.read_adapter(args.ckpt))
+            print(f"adapter written to {args.ckpt} and, for PEFT, {lora.peft_folder_of(args.ckpt)}/ (run folder: "
+                  f"{args.out})")
+        elif self.rank == 0:
+            print(f"stopped at step {end} of {total_steps}; continue with --resume (run folder: {args.out})")
+
+
+def run_config(args):
+    """config.json's contents: every flag (tuples become lists), the model and a question file by their
+    absolute paths, so that a respelled path is the same run."""
+    config = json.loads(json.dumps(vars(args)))
+    config["model"], config["dataset"] = model_id(args.model), dataset_id(args.dataset)
+    return config
+
+
+def dataset_id(dataset):
+    return dataset if dataset in ("triviaqa", "tiny") else os.path.abspath(dataset)
+
+
+def check_run(args, config, rank=0):
+    """Before anything is loaded: is --out free for a new run, or the same run to resume? Reads, never writes.
+    Returns the resume state (step, adapter, optimizer), or None to start at step 0."""
+    config_file, state_file = os.path.join(args.out, "config.json"), os.path.join(args.out, "state.pt")
+    say = print if rank == 0 else (lambda *_: None)
+    if not os.path.exists(config_file):
+        if args.resume:
+            say(f"--resume: {args.out} holds no run yet; starting a new one", flush=True)
+        return None
+    if not os.path.exists(state_file):   # a start that failed or stopped before its first checkpoint: nothing
+        if args.resume:                  # to keep, so it starts over, with these flags
+            say(f"--resume: {args.out} has no checkpoint (state.pt) yet; starting from step 0", flush=True)
+        return None
+    if not args.resume:
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:
+        with open(config_file) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_file} cannot be read ({e}); restore it, or start over in another --out") from None
+    old["dataset"] = dataset_id(old.get("dataset", config["dataset"]))   # runs begun with a relative path
+    defaults = vars(parser("").parse_args([]))   # a flag added since the run began had its default then
+    differ = sorted(k for k in config if k not in RUN_KEYS_THAT_MAY_CHANGE
+                    and old.get(k, defaults.get(k)) != config[k])
+    if differ:
+        raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
+                        "resume with the same flags, or choose another --out")
+    if os.path.exists(os.path.join(args.out, "metrics.jsonl")):   # read by every process: one that cannot stops all
+        data.read_records(os.path.join(args.out, "metrics.jsonl"))
+    return read_state(state_file)
+
+
+def write_config(args, config, rank=0):
+    """Make the run folder and write config.json (rank 0 alone, once every process has checked the folder)."""
+    barrier()
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        data.write_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2))
+
+
+def read_state(path):
+    """The resume state (step, adapter, optimizer). weights_only=True: tensors, numbers and lists only, so a
+    state.pt replaced by a pickle that would run code is refused, not executed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a resume state written by train.py ({type(e).__name__}); refusing to load "
+                        "it: remove it to start over, or restore the run folder") from None
+
+
+def save_checkpoint(args, model, optimizer, step, config, calibration):
+    adapter = os.path.join(args.out, f"adapter-{step:05d}.safetensors")
+    lora.save_adapter(model, adapter, step, config)
+    buffer = io.BytesIO()
+    torch.save({"step": step, "adapter": lora.adapter_state(model), "optimizer": optimizer.state_dict(),
+                "calibration": calibration.pairs}, buffer)
+    data.write_atomic(os.path.join(args.out, "state.pt"), buffer.getvalue())
+
+
+def tracker(args, config, start):
+    """--report-to: (report(record), close()) that send each log line's figures to TensorBoard or Weights &
+    Biases as the run goes, the run's config once; (None, None) for none. Rank 0 alone reports."""
+    figures = lambda record: {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=start)   # steps redone on resume
+        writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))   # as code
+
+        def report(record):
+            for key, value in figures(record).items():
+                writer.add_scalar(key, value, record["step"])
+            writer.flush()
+        return report, writer.close
+    if args.report_to == "wandb":
+        import wandb
+        id_file = os.path.join(args.out, "wandb-id")   # a resumed run goes on in the same W&B run
+        if not os.path.exists(id_file):
+            data.write_atomic(id_file, uuid.uuid4().hex[:8])
+        with open(id_file) as f:
+            run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)),
+                             dir=args.out, config=config, id=f.read().strip(), resume="allow")
+        return (lambda record: run.log(figures(record), step=record["step"])), run.finish
+    return None, None
+
+
+def resume_hint(args, step):
+    """What an interrupted run says: where it can go on from."""
+    if step == 0:
+        return f"nothing was checkpointed yet; the same command with --resume starts again (run folder: {args.out})"
+    return f"the last checkpoint is step {step} in {args.out}; the same command with --resume continues from it"
+
+
+def append_line(path, line):
+    """Append one log line, all of it or none: a write that fails (a full disk) is cut back off, so the log
+    never ends in half a line. A kill in the middle of the write can still tear it; resuming drops that."""
+    payload = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, payload) != len(payload):
+                raise OSError(errno.ENOSPC, f"only part of a line could be written to {path}")
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def keep_metrics_until(path, step):
+    """On resume, drop log lines of steps after the checkpoint: they are about to be redone (a torn last line
+    too: data.read_records leaves it out)."""
+    if os.path.exists(path):
+        kept = [r for r in data.read_records(path) if r.get("step", step) < step]
+        data.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def show(bar, record):
+    bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
+                    gap="-" if record["calibration_gap"] is None else f"{record['calibration_gap']:+.2f}")
+
+
