@@ -837,8 +837,9 @@ def dose_plot(args, path):
         for n, (label, points) in enumerate(DOSES.items()):
             acc = [[np.mean([r["correct"] for r in get(args, name, s)]) for s in range(args.seeds)]
                    for name, _ in points]
-            ax.errorbar([e for _, e in points], np.mean(acc, 1), yerr=np.std(acc, 1, ddof=1) if args.seeds > 1 else
-                        None, marker="os^v*"[n], color=f"C{n}", capsize=3, label=label, ls="-" if len(points) > 1 else "")
+            sd = np.std(acc, 1, ddof=1) if args.seeds > 1 else None
+            ax.errorbar([e for _, e in points], np.mean(acc, 1), yerr=sd, marker="os^v*"[n], color=f"C{n}", capsize=3,
+                        label=label, ls="-" if len(points) > 1 else "")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
         ax.set_xlabel("epochs over the same 1,600 questions")

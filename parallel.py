@@ -68,3 +68,18 @@ def gather(obj):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def check_shares(args, n_pool, world):
+    """Under torchrun every process needs a whole, equal share of each step's questions."""
+    if world == 1:
+        return
+    if args.batch < world:
+        raise UserError(f"{world} processes but --batch {args.batch} questions a step: run at most {args.batch} "
+                        "processes, or raise --batch")
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} does not divide among {world} processes; use a multiple of {world}, "
+                        f"e.g. --batch {args.batch // world * world or world}")
+    if n_pool % args.batch % world:
+        raise UserError(f"the last step of each epoch has {n_pool % args.batch} questions, which do not divide "
+                        f"among {world} processes; make --data a multiple of --batch")

@@ -24,6 +24,7 @@ import calib
 import cli
 import data
 import lora
+import reward
 from cli import UserError
 from model import model_id
 from parallel import barrier
@@ -160,9 +161,10 @@ RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batc
 
 
 class Folder:
-    """One run's folder, as the loop uses it: check it (at construction, before anything is loaded), begin (make
-    it), log each step, checkpoint, finish (the final adapter); `interruptions` turns a stop into one line that
-    says where the run can resume from. Rank 0 alone writes; every process knows the last checkpoint."""
+    """One run's folder, as the loop uses it: check it (at construction, before anything is loaded), restore the
+    checkpoint into the model, begin (make it), log each step, checkpoint, finish (the final adapter);
+    `interruptions` turns a stop into one line that says where the run can resume from. Rank 0 alone writes;
+    every process knows the last checkpoint."""
 
     def __init__(self, args, rank=0):
         """Is --out free for a new run, or the same run to resume? Reads, never writes. self.state: the resume
@@ -188,6 +190,15 @@ class Folder:
         keep_metrics_until(self.log_file, start)
         if os.path.exists(args.ckpt) and start < total_steps:
             print(f"note: --ckpt {args.ckpt} exists; this run replaces it when it finishes", flush=True)
+
+    def restore(self, model, optimizer):
+        """(the step to start at, the calibrated stability target's data): from the resume state, or fresh."""
+        if self.state is None:
+            return 0, reward.StabilityCalibration()
+        if not lora.set_adapter_state(model, self.state["adapter"]):
+            raise UserError(f"{self.args.out}/state.pt does not fit this model's LoRA weights")
+        optimizer.load_state_dict(self.state["optimizer"])
+        return self.state["step"], reward.StabilityCalibration(self.state.get("calibration", ()))
 
     def steps(self, start, end, total_steps):
         """The steps to take, with a progress bar (steps, reward, accuracy, gap, ETA) on rank 0."""

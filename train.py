@@ -56,7 +56,7 @@ import reward
 import run
 from cli import UserError
 from model import ChatTokenizer, KVCache, load_model
-from parallel import all_reduce_gradients, distributed, gather
+from parallel import all_reduce_gradients, check_shares, distributed, gather
 from rollout import check_length, generate, left_pad, seed_of, token_logprobs
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
@@ -137,7 +137,8 @@ def credit_starts(tok, asked, args):
 
 
 def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=None):
-    """One REINFORCE step, micro-batched by prompts (a question's, or with --paraphrases each of its phrasings). Returns (loss, sum of |log p_learn - log p_sample|, tokens).
+    """One REINFORCE step, micro-batched by prompts (a question's, or each of its phrasings with --paraphrases).
+    Returns (loss, sum of |log p_learn - log p_sample|, tokens).
 
         loss = -sum_i A_i sum_t log p(y_it) / (n_rollouts * max_new_tokens)          the paper's policy gradient
 
@@ -370,10 +371,10 @@ def train(args, rank=0, world=1):
     pool = training_pool(args)
     steps_per_epoch = math.ceil(len(pool) / args.batch)
     total_steps = steps_per_epoch * args.epochs
-    check_shares(args, len(pool), world)
+    check_shares(args, len(pool), world)   # under torchrun: an equal share for every process
     model, tok, optimizer = build(args)
     pool, files = ready_questions(model, tok, pool, args, rank, folder.state is not None)
-    start, calibration = restore(model, optimizer, folder.state, args)
+    start, calibration = folder.restore(model, optimizer)   # step 0 and a fresh start, or the checkpoint's
     end = max(start, min(total_steps, args.max_steps or total_steps))
     folder.begin(start, total_steps, files)   # everything is checked: from here on the run folder exists
     target = stability_target(args, calibration)   # refit() updates calibration in place
@@ -436,16 +437,6 @@ def step_questions(args, n_pool, step, steps_per_epoch):
     return epoch, order[k * args.batch:(k + 1) * args.batch]
 
 
-def restore(model, optimizer, state, args):
-    """(the step to start at, the calibrated stability target's data): from the resume state, or fresh."""
-    if state is None:
-        return 0, reward.StabilityCalibration()
-    if not lora.set_adapter_state(model, state["adapter"]):
-        raise UserError(f"{args.out}/state.pt does not fit this model's LoRA weights")
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"], reward.StabilityCalibration(state.get("calibration", ()))
-
-
 def stability_target(args, calibration):
     """The unlabeled questions' per-rollout targets, target(s, answers) for reward.group_rewards: None for s
     itself (the paper's); --stability-target platt: P(correct | s), fitted so far; cluster: each rollout's
@@ -464,21 +455,6 @@ def refit(calibration, shares):
         if q.labeled:
             calibration.add(q.parts["stability"], q.parts["correct"])
     calibration.fit()
-
-
-def check_shares(args, n_pool, world):
-    """Under torchrun every process needs a whole, equal share of each step's questions."""
-    if world == 1:
-        return
-    if args.batch < world:
-        raise UserError(f"{world} processes but --batch {args.batch} questions a step: run at most {args.batch} "
-                        "processes, or raise --batch")
-    if args.batch % world:
-        raise UserError(f"--batch {args.batch} does not divide among {world} processes; use a multiple of {world}, "
-                        f"e.g. --batch {args.batch // world * world or world}")
-    if n_pool % args.batch % world:
-        raise UserError(f"the last step of each epoch has {n_pool % args.batch} questions, which do not divide "
-                        f"among {world} processes; make --data a multiple of --batch")
 
 
 def parse_args(argv=None):

@@ -100,13 +100,13 @@ def rank_pid(launcher, rank):
 def test_layouts_that_do_not_divide_are_refused(monkeypatch):
     args = types.SimpleNamespace(batch=8)
     with pytest.raises(UserError, match="4 processes but --batch 3.*at most 3"):
-        train.check_shares(types.SimpleNamespace(batch=3), 12, 4)
+        parallel.check_shares(types.SimpleNamespace(batch=3), 12, 4)
     with pytest.raises(UserError, match="--batch 8 does not divide among 3 processes; use a multiple of 3, e.g. "
                                         "--batch 6"):
-        train.check_shares(args, 16, 3)
+        parallel.check_shares(args, 16, 3)
     with pytest.raises(UserError, match="last step of each epoch has 2 questions.*4 processes"):
-        train.check_shares(args, 18, 4)
-    train.check_shares(args, 16, 2)   # fine
+        parallel.check_shares(args, 18, 4)
+    parallel.check_shares(args, 16, 2)   # fine
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
