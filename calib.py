@@ -218,6 +218,48 @@ def selective_accuracy(c, y, coverage):
     return float(y[keep].mean())
 
 
+def aurc(c, y):
+    """Area under the risk-coverage curve (selective prediction): answer only the k most confident of n, for
+    k = 1..n, and average the error rate of what is answered. Lower is better. Answers stated at the same
+    confidence are taken in a random order, in expectation: within a tie the errors come at its mean rate."""
+    c, y = np.asarray(c, float), np.asarray(y, float)
+    order = np.argsort(-c, kind="mergesort")
+    c, wrong = c[order], 1 - y[order]
+    errors = np.empty(len(c))   # expected errors among the k most confident, k = 1..n
+    start, before = 0, 0.0
+    for value in dict.fromkeys(c):   # each tie block, from the most confident down
+        size = int((c == value).sum())
+        rate = wrong[start:start + size].mean()
+        errors[start:start + size] = before + rate * np.arange(1, size + 1)
+        before += wrong[start:start + size].sum()
+        start += size
+    return float(np.mean(errors / np.arange(1, len(c) + 1)))
+
+
+def e_aurc(c, y):
+    """Excess AURC: AURC - the AURC of an oracle that answers every right answer first. 0 for a confidence that
+    ranks every right answer above every wrong one; what remains is the ranking's fault, not the accuracy's."""
+    y = np.asarray(y, float)
+    right, k = y.sum(), np.arange(1, len(y) + 1)
+    return aurc(c, y) - float(np.mean(np.maximum(0, k - right) / k))
+
+
+def brier_decomposition(c, y):
+    """Murphy's decomposition of the Brier score over the distinct stated confidences (a model states a few round
+    values, 90%, 30%, ...; then it is exact): Brier = reliability -
+    resolution + uncertainty. Reliability: sum_k (n_k / n) (c_k - accuracy_k)^2, how far each stated value is
+    from its accuracy (0: calibrated); resolution: sum_k (n_k / n) (accuracy_k - accuracy)^2, how much the
+    stated values separate questions of different accuracy (0 for one value whatever it is); uncertainty:
+    accuracy (1 - accuracy), the task's."""
+    c, y = np.asarray(c, float), np.asarray(y, float)
+    reliability = resolution = 0.0
+    for value in np.unique(c):
+        member = c == value
+        reliability += member.mean() * (value - y[member].mean()) ** 2
+        resolution += member.mean() * (y[member].mean() - y.mean()) ** 2
+    return float(reliability), float(resolution), float(y.mean() * (1 - y.mean()))
+
+
 def pearson(x, y):
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.std() == 0 or y.std() == 0:
@@ -251,6 +293,10 @@ def metrics(confidence, correct, abstained):
         "confidence_when_wrong": mean(c[y == 0]),
         "selective_accuracy_50": float("nan") if empty else selective_accuracy(c, y, 0.5),
         "selective_accuracy_80": float("nan") if empty else selective_accuracy(c, y, 0.8),
+        "aurc": float("nan") if empty else aurc(c, y),
+        "e_aurc": float("nan") if empty else e_aurc(c, y),
+        **dict(zip(("brier_reliability", "brier_resolution", "brier_uncertainty"),
+                   (float("nan"),) * 3 if empty else brier_decomposition(c, y))),
         "parse_failure_rate": float(1 - has.mean()),
         "abstention_rate": float(np.mean(abstained)),
     }

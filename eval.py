@@ -33,9 +33,9 @@ ALTERNATIVE = re.compile(r"\b(however|alternatively|another possibility|other po
                          r"could also be|or possibly|or perhaps|some sources|also sometimes|also associated|"
                          r"may be confused|might be confused|not to be confused|also known)\b", re.IGNORECASE)
 
-TABLE = ["accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "auroc", "confidence_when_correct",
-         "confidence_when_wrong", "selective_accuracy_50", "selective_accuracy_80", "parse_failure_rate",
-         "abstention_rate", "alternative_rate"]
+TABLE = ["accuracy", "mean_confidence", "calibration_gap", "ece", "brier", "brier_reliability", "brier_resolution",
+         "brier_uncertainty", "auroc", "aurc", "e_aurc", "confidence_when_correct", "confidence_when_wrong",
+         "selective_accuracy_50", "selective_accuracy_80", "parse_failure_rate", "abstention_rate", "alternative_rate"]
 GROUPED = ["auroc_within_group", "auroc_group_base_rate"]                       # with --group-by
 SAMPLED = ["mean_stability", "r_stability_correct", "r_confidence_correct", "auroc_stability",
            "stability_auroc_within_group", "mean_stability_paraphrased", "r_stability_paraphrased_correct",

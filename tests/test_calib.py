@@ -154,3 +154,20 @@ def test_grouped_auroc_within_groups_and_the_base_rate_bar():
     # a group with one class only has no AUROC and no weight
     within, _ = calib.grouped_auroc([0.9, 0.1, 0.5, 0.6], [1, 0, 1, 1], ["a", "a", "b", "b"])
     assert within == pytest.approx(1.0)
+
+
+def test_selective_prediction_and_the_brier_decomposition_by_hand():
+    # answering the most confident first: risks 0/1, 1/2, 1/3; the oracle (right ones first): 0, 0, 1/3
+    assert calib.aurc([0.9, 0.8, 0.7], [1, 0, 1]) == pytest.approx((0 + 1 / 2 + 1 / 3) / 3)
+    assert calib.e_aurc([0.9, 0.8, 0.7], [1, 0, 1]) == pytest.approx((1 / 2) / 3)
+    assert calib.e_aurc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 0   # a perfect ordering
+    assert calib.aurc([0.5] * 4, [1, 0, 1, 0]) == pytest.approx(0.5)   # one tie: in expectation, its error rate
+    assert calib.aurc([0.9, 0.5, 0.5], [1, 0, 1]) == pytest.approx((0 + 0.25 + 1 / 3) / 3)
+    # two stated values, 80% (half right) and 30% (none right)
+    reliability, resolution, uncertainty = calib.brier_decomposition([0.8, 0.8, 0.3, 0.3], [1, 0, 0, 0])
+    assert (reliability, resolution, uncertainty) == pytest.approx((0.09, 0.0625, 0.1875))
+    assert reliability - resolution + uncertainty == pytest.approx(np.mean((np.array([0.8, 0.8, 0.3, 0.3])
+                                                                            - [1, 0, 0, 0]) ** 2))
+    assert calib.brier_decomposition([0.7] * 4, [1, 0, 1, 0])[1] == 0   # one value resolves nothing
+    m = calib.metrics([0.8, 0.8, 0.3, 0.3], [True, False, False, False], [False] * 4)
+    assert m["brier"] == pytest.approx(m["brier_reliability"] - m["brier_resolution"] + m["brier_uncertainty"])
