@@ -260,6 +260,36 @@ def brier_decomposition(c, y):
     return float(reliability), float(resolution), float(y.mean() * (1 - y.mean()))
 
 
+def logistic_fit(X, y, l2=1.0, steps=25):
+    """A linear probe: (w, b) of P(y = 1 | x) = sigmoid(x . w + b), maximum a posteriori with the L2 penalty
+    l2 |w|^2 / 2 (the bias unpenalized), by Newton's method: the log-likelihood is concave, so a few steps
+    converge."""
+    X1 = np.hstack([X, np.ones((len(X), 1))])
+    penalty = np.full(X1.shape[1], float(l2))
+    penalty[-1] = 0.0
+    w = np.zeros(X1.shape[1])
+    for _ in range(steps):
+        p = 0.5 * (1 + np.tanh(0.5 * (X1 @ w)))   # sigmoid, without overflow
+        hess = X1.T @ (X1 * (p * (1 - p))[:, None]) + np.diag(penalty) + 1e-9 * np.eye(len(w))
+        w += np.linalg.solve(hess, X1.T @ (y - p) - penalty * w)
+    return w[:-1], w[-1]
+
+
+def probe_scores(X, y, folds=5, l2=1.0, seed=0):
+    """What a linear probe on features X (one row per question) knows of y, cross-validated: the questions are
+    split into `folds` seeded folds, and each fold is scored by a probe fitted on the others alone (the
+    features standardized with those folds' mean and sd). Returns each question's out-of-fold P(y = 1 | x)."""
+    X, y = np.asarray(X, float), np.asarray(y, float)
+    fold = np.random.default_rng([seed, 4]).permutation(len(y)) % folds
+    scores = np.empty(len(y))
+    for k in range(folds):
+        fit, held = fold != k, fold == k
+        mean, sd = X[fit].mean(0), X[fit].std(0) + 1e-6
+        w, b = logistic_fit((X[fit] - mean) / sd, y[fit], l2)
+        scores[held] = 0.5 * (1 + np.tanh(0.5 * (((X[held] - mean) / sd) @ w + b)))
+    return scores
+
+
 def pearson(x, y):
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.std() == 0 or y.std() == 0:

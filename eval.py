@@ -40,8 +40,15 @@ GROUPED = ["auroc_within_group", "auroc_group_base_rate"]                       
 SAMPLED = ["mean_stability", "r_stability_correct", "r_confidence_correct", "auroc_stability",
            "stability_auroc_within_group", "mean_stability_paraphrased", "r_stability_paraphrased_correct",
            "auroc_stability_paraphrased"]                                       # with --rollouts (--paraphrases)
+PROBED = ["auroc_probe_prompt", "auroc_probe_answer", "probe_prompt_auroc_within_group",
+          "probe_answer_auroc_within_group"]                                  # with --probe
 GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "mean_stability", "auroc_stability",
-               "mean_stability_paraphrased", "auroc_stability_paraphrased"]   # per group
+               "mean_stability_paraphrased", "auroc_stability_paraphrased", "auroc_probe_prompt",
+               "auroc_probe_answer"]   # per group
+PROBE_NOTE = ("auroc_probe_prompt / _answer: a linear probe on the model's last hidden state where the answer "
+              "starts / where it ends, predicting the greedy answer's correctness (5-fold cross-validated). The "
+              "distance from the stated confidence's AUROC is headroom, what the model's state holds and its words "
+              "do not say: not a target the policy can see.")
 
 
 def parse_args(argv=None):
@@ -61,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
                    help="with --rollouts N, also sample N answers spread over K phrasings of each question (the "
                         "question file's `paraphrases`): stability over them, beside the one-phrasing figures")
+    p.add_argument("--probe", action="store_true",
+                   help="also fit a linear probe (logistic regression, 5-fold cross-validated) on the last hidden "
+                        "state where the answer starts and where it ends, predicting the greedy answer's "
+                        "correctness: the ceiling beside the stated confidence (one forward pass per question)")
     p.add_argument("--group-by", metavar="FIELD",
                    help="a field of the question file (the tiny world's: kind, fame): the figures per group, the "
                         "AUROC within groups, and the AUROC of the per-group accuracy as the confidence")
@@ -139,6 +150,7 @@ def answer_all(model, tok, questions, args, label):
                           n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
                           seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)]) \
             if k > 1 else []
+        hidden = [probe_features(model, p, out.ids) for p, out in zip(prompts, greedy)] if args.probe else []
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
@@ -150,9 +162,28 @@ def answer_all(model, tok, questions, args, label):
                             "abstained": calib.is_abstention(answer),
                             "alternative": bool(ALTERNATIVE.search(out.text)),
                             "stability": calib.stability(sampled) if sampled else None,
-                            **({"stability_paraphrased": calib.stability(paraphrased)} if paraphrased else {})})
+                            **({"stability_paraphrased": calib.stability(paraphrased)} if paraphrased else {}),
+                            **({"hidden_prompt": hidden[j][0], "hidden_answer": hidden[j][1]} if hidden else {})})
         mine.append((i, records))
     return [r for _, records in sorted(x for share in gather(mine) for x in share) for r in records]
+
+
+def probe_features(model, prompt, completion):
+    """The model's final hidden states where the answer starts (the prompt's last token, before any answer token)
+    and where it ends (the answer's last token): one forward pass over prompt + answer."""
+    device = model.lm_head.weight.device
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([prompt + completion], device=device))[0]
+    return h[len(prompt) - 1].float().cpu().numpy(), h[-1].float().cpu().numpy()
+
+
+def add_probe_scores(records, seed):
+    """--probe: each record's out-of-fold probe scores (calib.probe_scores) in place of its hidden states."""
+    correct = [r["correct"] for r in records]
+    for position in ("prompt", "answer"):
+        scores = calib.probe_scores([r.pop(f"hidden_{position}") for r in records], correct, seed=seed)
+        for r, score in zip(records, scores):
+            r[f"probe_{position}"] = float(score)
 
 
 def summarize(records, args):
@@ -190,6 +221,12 @@ def figures(records, group_by=None):
         if group_by:
             result["stability_auroc_within_group"] = calib.grouped_auroc(
                 stability, correct, [r[group_by] for r in records])[0]
+    for position in ("prompt", "answer") if "probe_prompt" in records[0] else ():   # --probe: every response
+        scores = [r[f"probe_{position}"] for r in records]
+        result[f"auroc_probe_{position}"] = calib.auroc(scores, correct)
+        if group_by:
+            result[f"probe_{position}_auroc_within_group"] = calib.grouped_auroc(
+                scores, correct, [r[group_by] for r in records])[0]
     if "stability_paraphrased" in records[0]:
         stability = [r["stability_paraphrased"] for r in records]
         result["mean_stability_paraphrased"] = float(np.mean(stability))
@@ -204,22 +241,25 @@ def figures(records, group_by=None):
 
 def print_table(results):
     labels = list(results)
-    rows = TABLE + [k for k in GROUPED + SAMPLED if k in results[labels[0]]]
+    rows = TABLE + [k for k in GROUPED + SAMPLED + PROBED if k in results[labels[0]]]
     width = max(24, *(len(label) + 2 for label in labels))
-    print(f"{'metric':28s}" + "".join(f"{label:>{width}s}" for label in labels))
+    name = max(map(len, rows)) + 2
+    print(f"{'metric':{name}s}" + "".join(f"{label:>{width}s}" for label in labels))
     for key in rows:
         cells = []
         for label in labels:
             value, ci = results[label][key], results[label]["ci"].get(key)
             cells.append(f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
-        print(f"{key:28s}" + "".join(f"{c:>{width}s}" for c in cells))
-    print(f"{'n':28s}" + "".join(f"{results[label]['n']:>{width}d}" for label in labels))
+        print(f"{key:{name}s}" + "".join(f"{c:>{width}s}" for c in cells))
+    print(f"{'n':{name}s}" + "".join(f"{results[label]['n']:>{width}d}" for label in labels))
+    if "auroc_probe_prompt" in results[labels[0]]:
+        print(PROBE_NOTE)
     for label in labels:
         if "groups" in results[label]:
             columns = [k for k in GROUP_TABLE if k in next(iter(results[label]["groups"].values()))]
-            print(f"\n{label}, by group:\n{'group':14s}" + "".join(f"{k:>18s}" for k in columns))
+            print(f"\n{label}, by group:\n{'group':14s}" + "".join(f"{k:>20s}" for k in columns))
             for g, m in results[label]["groups"].items():
-                print(f"{g:14s}" + "".join(f"{m[k]:>18.3f}" if k != "n" else f"{m[k]:>18d}" for k in columns))
+                print(f"{g:14s}" + "".join(f"{m[k]:>20.3f}" if k != "n" else f"{m[k]:>20d}" for k in columns))
 
 
 def reliability_diagram(records_by_label, path, bins=10):
@@ -396,6 +436,8 @@ def evaluate(args, rank=0):
         check_length(model, [tok.chat(calib.messages(q["question"], args.prompt)) for q in questions],
                      args.max_new_tokens, [q["question"] for q in questions])
         records[label] = answer_all(model, tok, questions, args, label)
+        if args.probe:
+            add_probe_scores(records[label], args.seed)
         del model
     if rank > 0:   # under torchrun, rank 0 alone summarizes and writes
         return

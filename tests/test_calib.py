@@ -171,3 +171,19 @@ def test_selective_prediction_and_the_brier_decomposition_by_hand():
     assert calib.brier_decomposition([0.7] * 4, [1, 0, 1, 0])[1] == 0   # one value resolves nothing
     m = calib.metrics([0.8, 0.8, 0.3, 0.3], [True, False, False, False], [False] * 4)
     assert m["brier"] == pytest.approx(m["brier_reliability"] - m["brier_resolution"] + m["brier_uncertainty"])
+
+
+def test_the_probe_recovers_a_known_signal_and_never_scores_a_question_it_was_fitted_on():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 20))
+    y = X[:, 3] + 0.5 * rng.normal(size=600) > 0   # one feature carries the signal
+    assert calib.auroc(calib.probe_scores(X, y), y) > 0.9
+    noise = rng.random(600) < 0.5
+    assert abs(calib.auroc(calib.probe_scores(X, noise), noise) - 0.5) < 0.07
+    # each question its own feature: a probe that had seen a question would know its label (AUROC 1); scored
+    # out of fold, it knows nothing of it
+    identity = np.eye(300)
+    labels = rng.random(300) < 0.5
+    w, b = calib.logistic_fit(identity, labels.astype(float), l2=0.01)
+    assert calib.auroc(identity @ w + b, labels) == 1.0
+    assert calib.auroc(calib.probe_scores(identity, labels), labels) < 0.6

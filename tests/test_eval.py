@@ -82,6 +82,34 @@ def test_group_by_reports_each_group_and_the_discrimination_within_groups(tmp_pa
         evaluate.main(["--model", model_dir, "--dataset", str(grouped), "--group-by", "fame", "--out", str(out)])
 
 
+def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tmp_path, formatted, capsys,
+                                                                             monkeypatch):
+    model_dir, questions = formatted
+    seen = []
+    real = evaluate.probe_features
+    monkeypatch.setattr(evaluate, "probe_features", lambda *a: seen.append(a) or real(*a))
+    out = tmp_path / "eval"
+    evaluate.main(["--model", model_dir, "--dataset", questions, "--n", "24", "--probe", "--max-new-tokens", "16",
+                   "--bootstrap", "20", "--out", str(out)])
+    base = json.load(open(out / "metrics.json"))["base"]
+    records = [json.loads(line) for line in open(out / "responses-base.jsonl")]
+    assert len(seen) == len(records) == 24   # one forward pass per question, no extra generation
+    assert all("hidden_prompt" not in r and 0 <= r["probe_prompt"] <= 1 and 0 <= r["probe_answer"] <= 1
+               for r in records)   # the scores are kept, the hidden states are not
+    correct = [r["correct"] for r in records]
+    for position in ("prompt", "answer"):
+        assert base[f"auroc_probe_{position}"] == pytest.approx(
+            calib.auroc([r[f"probe_{position}"] for r in records], correct), nan_ok=True)
+        assert f"auroc_probe_{position}" in base["ci"]
+    # the prompt's state is the prompt's last token's, the answer's the answer's last token's
+    model, prompt, completion = seen[0]
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([prompt + completion]))[0]
+    at_prompt, at_answer = real(model, prompt, completion)
+    assert np.allclose(at_prompt, h[len(prompt) - 1].numpy()) and np.allclose(at_answer, h[-1].numpy())
+    assert "headroom" in capsys.readouterr().out
+
+
 def test_training_log_plot(tmp_path):
     log = tmp_path / "run" / "metrics.jsonl"
     log.parent.mkdir()
