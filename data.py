@@ -4,6 +4,7 @@ the other phrasings of a question (the file's, or the model's own), the JSONL lo
 write_atomic, how every result file is written.
 """
 
+import hashlib
 import json
 import os
 
@@ -28,6 +29,15 @@ def load_questions(dataset, split):
     if not os.path.isfile(dataset):
         raise UserError(f"dataset not found: {dataset!r} is neither 'triviaqa', 'tiny' nor a JSONL file")
     return read_jsonl(dataset)
+
+
+def fingerprint(dataset):
+    """The SHA-256 of a question file's content (tiny's training questions for "tiny"); None for TriviaQA, which
+    the hub versions."""
+    if dataset == "triviaqa" or (dataset != "tiny" and not os.path.isfile(dataset)):   # load_questions says why
+        return None
+    with open(os.path.join(TINY, "train.jsonl") if dataset == "tiny" else dataset, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def has_paraphrases(question, k):

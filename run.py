@@ -11,6 +11,7 @@ flags, the data and the model have all been checked (Folder.begin).
 import argparse
 import contextlib
 import errno
+import fcntl
 import importlib.util
 import io
 import json
@@ -121,7 +122,8 @@ def parser(doc):
     g.add_argument("--out", default="runs/train", help="run folder: config.json, metrics.jsonl, checkpoints")
     g.add_argument("--ckpt", default="ckpt.safetensors", help="where the final adapter is written")
     g.add_argument("--save-every", type=cli.count, default=25, help="checkpoint every K steps (and at each epoch end)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its own flags (config.json)")
     g.add_argument("--max-steps", type=cli.count, help="stop after this many steps in all (resume later to go on)")
     g.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
                    help="also send every log line and the config, as the run goes, to TensorBoard (OUT/tensorboard) "
@@ -129,10 +131,18 @@ def parser(doc):
     return p
 
 
+# The flags that change no result: they may differ when a run is resumed. A run folder is the run wherever it
+# is moved and however its path is spelled (--out); the others say where, how fast and how far it goes.
+CHANGE_NO_RESULT = {"resume", "max_steps", "save_every", "ckpt", "device", "micro_batch_tokens", "out", "report_to"}
+
+
 def parse_args(argv, doc):
-    """The flags, every one checked: nothing is loaded or written before this returns."""
+    """The flags, every one checked: nothing is loaded or written before this returns. With --resume, the run's
+    own flags come from its config.json: only --out is needed, and a flag given must agree with the run's."""
     p = parser(doc)
     args = p.parse_args(argv)
+    if args.resume:
+        args = resumed_flags(p, argv, args)
     if args.rollouts < 2:
         p.error("--rollouts must be at least 2: stability compares answers")
     if args.rollouts % args.paraphrases:
@@ -153,11 +163,35 @@ def parse_args(argv, doc):
     return args
 
 
+def resumed_flags(p, argv, args):
+    """--resume: the flags of the run in --out (its config.json), with those given on the command line, each of
+    which must agree with the run's unless it changes no result. No config.json: the flags as given."""
+    path = os.path.join(args.out, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        return args
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); restore it, or start over in another --out") from None
+    unset = object()   # parsed again with every default unset: what remains was given
+    p.set_defaults(**{key: unset for key in vars(args)})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+    as_run = {"model": model_id, "dataset": dataset_id}   # the config names them so
+    differ = [f"--{k.replace('_', '-')} {config[k]} (given: {getattr(args, k)})" for k in sorted(given & config.keys())
+              if k not in CHANGE_NO_RESULT and config[k] != json.loads(json.dumps(as_run.get(k, lambda v: v)(
+                  getattr(args, k))))]
+    if differ:
+        raise UserError(f"{args.out} is a run with other flags: {'; '.join(differ)}. Resume it with `--out "
+                        f"{args.out} --resume` alone, or choose another --out for these flags")
+    for key, value in config.items():   # where and how far this start goes is its own; the rest is the run's
+        if key in vars(args) and key not in given and key not in ("out", "resume", "max_steps", "device"):
+            setattr(args, key, tuple(value) if isinstance(value, list) else value)
+    return args
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The run folder.
-
-# A run folder is the run, wherever it is moved and however its path is spelled: --out may change on resume.
-RUN_KEYS_THAT_MAY_CHANGE = {"resume", "max_steps", "ckpt", "device", "micro_batch_tokens", "out", "report_to"}
 
 
 class Folder:
@@ -167,23 +201,59 @@ class Folder:
     every process knows the last checkpoint."""
 
     def __init__(self, args, rank=0):
-        """Is --out free for a new run, or the same run to resume? Reads, never writes. self.state: the resume
-        state (step, adapter, optimizer, calibration), or None to start at step 0."""
-        self.args, self.rank = args, rank
+        """Is --out free for a new run, or the same run to resume? Reads, never writes, and holds an existing
+        folder for this process (a second process on it is refused). self.state: the resume state (step, adapter,
+        optimizer, calibration), or None to start at step 0."""
+        self.args, self.rank, self.held = args, rank, None
         self.config = run_config(args)
-        self.state = check_run(args, self.config, rank)
+        self.had_config = os.path.exists(os.path.join(args.out, "config.json"))
+        if rank == 0 and os.path.isdir(args.out):
+            self.hold()
+        try:
+            self.state = check_run(args, self.config, rank)
+        except BaseException:
+            self.__exit__()
+            raise
         self.log_file = os.path.join(args.out, "metrics.jsonl")
         self.report = self.close_report = None
         self.saved = self.step = 0   # the step of the last checkpoint; the step being taken
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.held is not None:   # the lock goes with the file descriptor
+            os.close(self.held)
+            self.held = None
+
+    def hold(self):
+        """One run folder, one live run: an exclusive flock on the folder, which the OS releases when this
+        process ends however it ends (a SIGKILL too), so a stale lock is never left behind."""
+        fd = os.open(self.args.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{self.args.out} is in use by another training process{holder(self.args.out)}: a run "
+                            "folder holds one live run; wait for it to end (or stop it), or choose another --out") \
+                from None
+        self.held = fd
 
     def begin(self, start, total_steps, files=None):
         """Everything is checked: make the folder, write config.json (and `files`, {name: text}), start the
         tracker, and drop log lines of steps after the checkpoint (they are about to be redone)."""
         args = self.args
-        write_config(args, self.config, self.rank)
+        barrier()   # every process has checked the folder
         self.saved = start
         if self.rank > 0:
             return
+        os.makedirs(args.out, exist_ok=True)
+        if self.held is None:
+            self.hold()
+            if not self.had_config and os.path.exists(os.path.join(args.out, "config.json")):
+                raise UserError(f"another process started a run in {args.out} while this one loaded; choose "
+                                "another --out")
+        data.write_atomic(os.path.join(args.out, "config.json"), json.dumps(self.config, indent=2))
         self.report, self.close_report = tracker(args, self.config, start)
         for name, text in (files or {}).items():
             data.write_atomic(os.path.join(args.out, name), text)
@@ -259,6 +329,7 @@ def run_config(args):
     absolute paths, so that a respelled path is the same run."""
     config = json.loads(json.dumps(vars(args)))
     config["model"], config["dataset"] = model_id(args.model), dataset_id(args.dataset)
+    config["dataset_sha256"] = data.fingerprint(args.dataset)   # a file changed under a run is refused on resume
     return config
 
 
@@ -275,9 +346,15 @@ def check_run(args, config, rank=0):
         if args.resume:
             say(f"--resume: {args.out} holds no run yet; starting a new one", flush=True)
         return None
-    if not os.path.exists(state_file):   # a start that failed or stopped before its first checkpoint: nothing
-        if args.resume:                  # to keep, so it starts over, with these flags
-            say(f"--resume: {args.out} has no checkpoint (state.pt) yet; starting from step 0", flush=True)
+    if not os.path.exists(state_file):
+        checkpoints = sorted(f for f in os.listdir(args.out) if f.startswith("adapter-"))
+        if checkpoints:   # a run that checkpointed, and lost its state: starting over would mix two runs' files
+            raise UserError(f"{args.out} holds a run's checkpoints ({', '.join(checkpoints[-2:])}, ...) but no "
+                            "state.pt to resume from; restore state.pt, or remove the folder (or choose another "
+                            "--out) to start over")
+        # a start that failed or stopped before its first checkpoint: nothing to keep, so it starts over
+        say(f"{'--resume: ' if args.resume else 'note: '}{args.out} has no checkpoint (state.pt) yet; starting from "
+            "step 0" + ("" if args.resume else " with these flags"), flush=True)
         return None
     if not args.resume:
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -288,22 +365,17 @@ def check_run(args, config, rank=0):
         raise UserError(f"{config_file} cannot be read ({e}); restore it, or start over in another --out") from None
     old["dataset"] = dataset_id(old.get("dataset", config["dataset"]))   # runs begun with a relative path
     defaults = vars(parser("").parse_args([]))   # a flag added since the run began had its default then
-    differ = sorted(k for k in config if k not in RUN_KEYS_THAT_MAY_CHANGE
-                    and old.get(k, defaults.get(k)) != config[k])
+    differ = [f"{k} ({old.get(k, defaults.get(k))} in the run, {config[k]} now)" for k in sorted(config)
+              if k not in CHANGE_NO_RESULT | {"dataset_sha256"} and old.get(k, defaults.get(k)) != config[k]]
     if differ:
-        raise UserError(f"{args.out} holds another run (its config differs in: {', '.join(differ)}); "
-                        "resume with the same flags, or choose another --out")
+        raise UserError(f"{args.out} holds another run (its config differs in: {'; '.join(differ)}); resume it "
+                        "with --out and --resume alone, or choose another --out")
+    if old.get("dataset_sha256", config["dataset_sha256"]) != config["dataset_sha256"]:   # older runs lack it
+        raise UserError(f"the question file {config['dataset']} has changed since the run began (its content "
+                        "differs): the run would go on with other questions. Restore the file, or start a new run")
     if os.path.exists(os.path.join(args.out, "metrics.jsonl")):   # read by every process: one that cannot stops all
         data.read_records(os.path.join(args.out, "metrics.jsonl"))
     return read_state(state_file)
-
-
-def write_config(args, config, rank=0):
-    """Make the run folder and write config.json (rank 0 alone, once every process has checked the folder)."""
-    barrier()
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        data.write_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2))
 
 
 def read_state(path):
@@ -349,6 +421,20 @@ def tracker(args, config, start):
                              dir=args.out, config=config, id=f.read().strip(), resume="allow")
         return (lambda record: run.log(figures(record), step=record["step"])), run.finish
     return None, None
+
+
+def holder(folder):
+    """ " (process PID)" of the process that holds a flock on `folder`, from Linux's /proc/locks; "" elsewhere."""
+    try:
+        inode = os.stat(folder).st_ino
+        with open("/proc/locks") as f:
+            for line in f:   # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+                fields = line.split()
+                if fields[1] == "FLOCK" and int(fields[5].split(":")[-1]) == inode:
+                    return f" (process {fields[4]})"
+    except (OSError, ValueError, IndexError):
+        pass
+    return ""
 
 
 def resume_hint(args, step):

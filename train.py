@@ -367,34 +367,34 @@ def build(args):
 def train(args, rank=0, world=1):
     """The run: everything checked before the folder is made, then the steps, each one its questions, this
     process's share of them, train_step, the log line, and now and then a checkpoint."""
-    folder = run.Folder(args, rank)   # --out checked; its resume state, if any (nothing is written yet)
-    pool = training_pool(args)
-    steps_per_epoch = math.ceil(len(pool) / args.batch)
-    total_steps = steps_per_epoch * args.epochs
-    check_shares(args, len(pool), world)   # under torchrun: an equal share for every process
-    model, tok, optimizer = build(args)
-    pool, files = ready_questions(model, tok, pool, args, rank, folder.state is not None)
-    start, calibration = folder.restore(model, optimizer)   # step 0 and a fresh start, or the checkpoint's
-    end = max(start, min(total_steps, args.max_steps or total_steps))
-    folder.begin(start, total_steps, files)   # everything is checked: from here on the run folder exists
-    target = stability_target(args, calibration)   # refit() updates calibration in place
+    with run.Folder(args, rank) as folder:   # --out checked and held; its resume state, if any
+        pool = training_pool(args)
+        steps_per_epoch = math.ceil(len(pool) / args.batch)
+        total_steps = steps_per_epoch * args.epochs
+        check_shares(args, len(pool), world)   # under torchrun: an equal share for every process
+        model, tok, optimizer = build(args)
+        pool, files = ready_questions(model, tok, pool, args, rank, folder.state is not None)
+        start, calibration = folder.restore(model, optimizer)   # step 0 and a fresh start, or the checkpoint's
+        end = max(start, min(total_steps, args.max_steps or total_steps))
+        folder.begin(start, total_steps, files)   # everything is checked: from here on the run folder exists
+        target = stability_target(args, calibration)   # refit() updates calibration in place
 
-    with folder.interruptions():
-        for step in folder.steps(start, end, total_steps):
-            epoch, batch = step_questions(args, len(pool), step, steps_per_epoch)
-            mine = batch[rank::world]   # this process's share of the step's questions
-            mix = mix_at(args, step, total_steps)
-            labeled = reward.labeled_draw(len(pool), mix, args.seed)   # which questions get the Brier reward
-            share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine, [bool(labeled[i]) for i in mine],
-                               args, step, len(batch), target)
-            shares = gather(share)
-            if args.stability_target == "platt":
-                refit(calibration, shares)
-            folder.log({"step": step, "epoch": epoch, "mix": mix, **step_record(shares)})
-            done = step + 1
-            if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
-                folder.checkpoint(model, optimizer, done, calibration)
-    folder.finish(model, end, total_steps)
+        with folder.interruptions():
+            for step in folder.steps(start, end, total_steps):
+                epoch, batch = step_questions(args, len(pool), step, steps_per_epoch)
+                mine = batch[rank::world]   # this process's share of the step's questions
+                mix = mix_at(args, step, total_steps)
+                labeled = reward.labeled_draw(len(pool), mix, args.seed)   # which questions get the Brier reward
+                share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine,
+                                   [bool(labeled[i]) for i in mine], args, step, len(batch), target)
+                shares = gather(share)
+                if args.stability_target == "platt":
+                    refit(calibration, shares)
+                folder.log({"step": step, "epoch": epoch, "mix": mix, **step_record(shares)})
+                done = step + 1
+                if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
+                    folder.checkpoint(model, optimizer, done, calibration)
+        folder.finish(model, end, total_steps)
 
 
 def ready_questions(model, tok, pool, args, rank, resuming):

@@ -242,7 +242,7 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert not (tmp_path / "part.safetensors").exists() and len(records(part)) == 5
     with open(part / "metrics.jsonl", "a") as f:   # a step logged after the last checkpoint, then a crash
         f.write(json.dumps({"step": 5, "reward": -1}) + "\n")
-    train_run(tmp_path, model_dir, questions, "--resume", out="part")
+    train.main(["--out", str(part), "--resume", "--save-every", "2"])   # the run's flags come from its folder
     assert records(part) == log
     from safetensors.torch import load_file
     a, b = load_file(str(final)), load_file(str(tmp_path / "part.safetensors"))
@@ -324,7 +324,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
     train.main(args)
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         train.main(args)
-    with pytest.raises(UserError, match=r"holds another run \(its config differs in: lr\)"):
+    with pytest.raises(UserError, match=r"is a run with other flags: --lr 0.0001 \(given: 0.5\)\. Resume it with "
+                                        r"`--out .*r --resume` alone"):
         train.main(args + ["--resume", "--lr", "0.5"])
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     del config["credit"]   # a run begun before --credit existed resumes: the flag had its default then
@@ -538,7 +539,15 @@ def test_resume_without_a_run_and_a_replaced_ckpt_are_said(tmp_path, formatted, 
     out = capsys.readouterr().out
     assert f"--resume: {tmp_path / 'r'} holds no run yet; starting a new one" in out
     assert "--ckpt " + str(tmp_path / "c.safetensors") + " exists; this run replaces it" in out
-    os.remove(tmp_path / "r" / "state.pt")
+    os.remove(tmp_path / "r" / "state.pt")   # half deleted: checkpoints and a log, no state to resume from
+    with pytest.raises(UserError, match=r"r holds a run's checkpoints \(adapter-00001.safetensors, adapter-00002"
+                                        r".safetensors, ...\) but no state.pt to resume from; restore state.pt, or "
+                                        "remove the folder"):
+        train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
+    assert len(records(tmp_path / "r")) == 2   # nothing was cut
+    for name in os.listdir(tmp_path / "r"):   # a run stopped before its first checkpoint: only a log to drop
+        if name.startswith("adapter-"):
+            os.remove(tmp_path / "r" / name)
     train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
     assert "has no checkpoint (state.pt) yet; starting from step 0" in capsys.readouterr().out
 
@@ -672,3 +681,45 @@ def test_report_to_tensorboard_holds_every_logged_figure(tmp_path, formatted, mo
     monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
         train.parse_args(["--report-to", "wandb", "--out", str(tmp_path / "w")])
+
+
+def test_one_run_folder_holds_one_live_run_and_a_killed_one_lets_go(tmp_path, formatted):
+    """A second process on a live run's folder is refused, naming the first; the lock dies with its process (a
+    SIGKILL too), and the run then resumes from its folder alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    model, questions = formatted
+    folder = tmp_path / "r"
+    argv = small(tmp_path, model, questions, folder)
+    argv[argv.index("--epochs") + 1] = "200"   # long enough to be caught alive
+    live = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(train.__file__), "train.py"), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (folder / "state.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(UserError, match=rf"r is in use by another training process \(process {live.pid}\): a "
+                                            "run folder holds one live run"):
+            train.main(["--out", str(folder), "--resume"])
+        lines = len(data.read_records(folder / "metrics.jsonl"))   # a line being written is left out
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+    assert lines > 0   # the refused start wrote nothing: no second writer in the log
+    train.main(["--out", str(folder), "--resume", "--max-steps", str(lines + 1)])
+    assert [r["step"] for r in records(folder)] == list(range(len(records(folder))))   # one run, in order
+
+
+def test_a_question_file_changed_under_a_run_is_refused(tmp_path, formatted):
+    model, _ = formatted
+    questions = write_questions(tmp_path / "q.jsonl")
+    argv = small(tmp_path, model, questions, tmp_path / "r", "--max-steps", "1")
+    train.main(argv)
+    assert json.load(open(tmp_path / "r" / "config.json"))["dataset_sha256"] == data.fingerprint(questions)
+    rows = open(questions).read().splitlines()
+    with open(questions, "w") as f:   # the same questions in another order: another pool
+        f.write("\n".join(rows[::-1]) + "\n")
+    with pytest.raises(UserError, match="the question file .*q.jsonl has changed since the run began"):
+        train.main(["--out", str(tmp_path / "r"), "--resume"])
