@@ -51,9 +51,10 @@ def paraphrase_messages(question, j):
 
 ANSWER = re.compile(r"\banswer\W*?[:：]\s*(.*?)\s*(?:\bconfidence\b.*)?$", re.IGNORECASE | re.MULTILINE)
 # The label and its separator are required: "my confidence 2 is low" in a later sentence is not a statement.
-CONFIDENCE = re.compile(r"confidence(?:\s+level)?\s*[:：=]\s*(\S*?)\s*(%|percent)?(?=[\s.,;:!?)]*(?:\s|$))",
+# "Confidence" as a word of its own: "Risk of overconfidence: 10%" states no confidence.
+CONFIDENCE = re.compile(r"\bconfidence(?:\s+level)?\s*[:：=]\s*(\S*?)\s*(%|percent)?(?=[\s.,;:!?)]*(?:\s|$))",
                         re.IGNORECASE)
-NUMBER = re.compile(r"\d+(?:\.\d+)?")                  # plain decimals: "-5" and "9e9" are no confidence
+NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")           # plain decimals (".9" too): "-5" and "9e9" are no confidence
 FRACTION = re.compile(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)")
 
 
@@ -104,8 +105,9 @@ PUNCTUATION = set(string.punctuation) | set("‘’´`“”")
 
 
 def is_correct(answer, aliases):
-    """Exact match of the normalized answer against any normalized alias (TriviaQA's exact-match score)."""
-    return answer is not None and normalize(answer) in {normalize(a) for a in aliases}
+    """Exact match of the normalized answer against any normalized alias (TriviaQA's exact-match score). An
+    alias or an answer that normalizes to nothing ("The", "?") matches nothing."""
+    return answer is not None and normalize(answer) in {normalize(a) for a in aliases} - {""}
 
 
 ABSTENTIONS = {"none", "unknown", "i don t know", "i do not know", "dont know", "don t know", "no answer",

@@ -7,6 +7,7 @@ write_atomic, how every result file is written.
 import hashlib
 import json
 import os
+import re
 
 import calib
 from cli import UserError
@@ -93,10 +94,17 @@ def with_paraphrases(model, tok, pool, args, rank, resuming):
     cache = os.path.join(args.out, "paraphrases.json")
     if rank == 0 and resuming and os.path.exists(cache):
         written = read_json_object(cache)
+        bad = next((k for k, v in written.items() if not (isinstance(v, list) and all(
+            isinstance(w, str) and w.strip() and not CONTROL_TOKEN.search(w) for w in v))), None)
+        if bad is not None:
+            raise UserError(f"{cache}: the paraphrases of {bad!r} are not a list of texts; remove the file, and the "
+                            "model writes them again")
     elif rank == 0:
         written, dropped = self_paraphrases(model, tok, pool, args.paraphrases)
+        short = sum(len(v) < args.paraphrases - 1 for v in written.values())
         print(f"paraphrases: the model wrote {sum(map(len, written.values()))} for {len(written)} questions; "
-              f"{dropped} dropped (empty, not a question, or the question again)", flush=True)
+              f"{dropped} dropped (empty, not a question, or the question again); {short} questions have fewer "
+              f"than {args.paraphrases - 1} and ask their phrasings in turn", flush=True)
     written = gather(written if rank == 0 else None)[0]   # every process asks the same ways
     missing = [q["question"] for q in pool if q["question"] not in written]
     if missing:
@@ -130,8 +138,36 @@ def read_jsonl(path):
             raise UserError(f"{path}, line {number}: expected a JSON object "
                             '{"question": "...", "answers": ["...", ...]} (a question and a non-empty list of '
                             "answers, all text)")
+        problem = question_problem(item)
+        if problem:
+            raise UserError(f"{path}, line {number}: {problem}")
         questions.append(item)   # other fields (the tiny world's kind, fame) are kept for eval.py --group-by
     return questions
+
+
+CONTROL_TOKEN = re.compile(r"<\|[^|<>\s]*\|>")   # the chat template's own tokens: <|im_start|>, <|im_end|>, ...
+
+
+def question_problem(item):
+    """What is wrong with a question of a file, or None: an answer that is blank or normalizes to nothing would
+    score every answer wrong, or "?" right; a chat control token would become a real token and forge a turn of
+    the conversation; a paraphrase must be another text of the question."""
+    empty = [a for a in item["answers"] if not calib.normalize(a)]
+    if empty:
+        return (f"the answer {empty[0]!r} is blank once normalized (case, punctuation and articles are ignored); "
+                "remove it or write the answer out")
+    texts = [item["question"]] + (item["paraphrases"] if isinstance(item.get("paraphrases"), list) else [])
+    token = next((m.group() for t in texts if isinstance(t, str) for m in CONTROL_TOKEN.finditer(t)), None)
+    if token:
+        return f"the question holds the chat control token {token}, which would forge a turn; remove it"
+    if "paraphrases" in item:
+        ways = item["paraphrases"]
+        if not (isinstance(ways, list) and all(isinstance(w, str) and w.strip() for w in ways)):
+            return "`paraphrases` must be a list of texts, none blank"
+        same = [w for w in ways if calib.normalize(w) == calib.normalize(item["question"])]
+        if same:
+            return f"the paraphrase {same[0]!r} is the question again; a paraphrase asks it another way"
+    return None
 
 
 def load_triviaqa(split):

@@ -40,6 +40,7 @@ GROUPED = ["auroc_within_group", "auroc_group_base_rate"]                       
 SAMPLED = ["mean_stability", "r_stability_correct", "r_confidence_correct", "auroc_stability",
            "stability_auroc_within_group", "mean_stability_paraphrased", "r_stability_paraphrased_correct",
            "auroc_stability_paraphrased"]                                       # with --rollouts (--paraphrases)
+MIN_RESAMPLES = 20   # --bootstrap: fewer draws put the 2.5th and 97.5th percentiles anywhere
 PROBED = ["auroc_probe_prompt", "auroc_probe_answer", "probe_prompt_auroc_within_group",
           "probe_answer_auroc_within_group"]                                  # with --probe
 GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "mean_stability", "auroc_stability",
@@ -51,7 +52,7 @@ PROBE_NOTE = ("auroc_probe_prompt / _answer: a linear probe on the model's last 
               "do not say: not a target the policy can see.")
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[3:]),
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("checkpoints", nargs="*", help="adapters to evaluate; none: the base model")
@@ -94,9 +95,19 @@ def parse_args(argv=None):
     p.add_argument("--answers", nargs="+", metavar="ANSWER",
                    help="with --ask: the right answers, to score the samples with the Brier reward as well (name "
                         "checkpoints before it: it takes every word after it)")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.rollouts == 1:
         p.error("--rollouts must be 0 (none) or at least 2: stability compares answers")
+    if args.ask is not None and not args.ask.strip():
+        p.error("--ask needs a question: it was empty")
+    if 0 < args.bootstrap < MIN_RESAMPLES:
+        p.error(f"--bootstrap must be 0 (no intervals) or at least {MIN_RESAMPLES}: fewer resamples give a 95% "
+                "interval that is noise")
     if args.answers and not args.ask:
         p.error("--answers scores the question of --ask: give --ask too")
     if args.answers and any(a.endswith(".safetensors") or os.path.isdir(a) for a in args.answers):
@@ -428,6 +439,10 @@ def evaluate(args, rank=0):
     if args.group_by and any(args.group_by not in q for q in questions):
         raise UserError(f"--group-by {args.group_by}: the questions of {args.dataset} have no field "
                         f"{args.group_by!r} (they have: {', '.join(sorted(questions[0]))})")
+    if args.group_by and any(isinstance(q[args.group_by], (list, dict)) for q in questions):
+        one = [k for k, v in questions[0].items() if not isinstance(v, (list, dict))]
+        raise UserError(f"--group-by {args.group_by}: its values are lists, not one group per question; group by "
+                        f"one of: {', '.join(sorted(one))}")
 
     records, results = {}, {}
     for checkpoint in args.checkpoints or [None]:

@@ -408,11 +408,43 @@ def parse_args(argv=None):
             setattr(args, flag, shlex.split(getattr(args, flag) or ""))
         except ValueError as e:   # an unbalanced quote
             p.error(f"--{flag.replace('_', '-')}: {e}")
+    for flag, script, make in (("train_args", "train.py", lambda: run.parser("")), ("eval_args", "eval.py",
+                                                                                    evaluate.parser)):
+        taken = [f"--{key.replace('_', '-')}" for key in
+                 sorted(flags_set(make(), getattr(args, flag)) & grid_flags(args, script, make))]
+        if taken:
+            p.error(f"--{flag.replace('_', '-')} sets what the grid sets for each run ({', '.join(taken)}): its "
+                    "conditions, seeds and outputs are the grid's; pass other flags, or run the script yourself")
     if args.launcher and not shutil.which(args.launcher[0]):
         p.error(f"--launcher: no program {args.launcher[0]!r} here (not a file, not on PATH)")
     cli.check_writable(args.out, "--out", folder=True)
     cli.check_writable(args.runs, "--runs", folder=True)
     return args
+
+
+def flags_set(parser, argv):
+    """The flags (their dests) that argv sets, as the script's parser reads them (abbreviations included)."""
+    unset = object()
+    parser.set_defaults(**{key: unset for key in vars(parser.parse_args([]))})
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            known, _ = parser.parse_known_args(argv)
+    except SystemExit:   # a value the script refuses: check_commands says which, with the script's words
+        return set()
+    return {key for key, value in vars(known).items() if value is not unset}
+
+
+def grid_flags(args, script, make):
+    """What a grid sets for every run of a script: the model, data, seeds and outputs, and its conditions' own
+    flags (and the evaluations' grouping on the tiny world)."""
+    if script == "train.py":
+        fixed = {"model", "dataset", "seed", "out", "ckpt", "resume"}
+        own = [CONDITIONS[name].train for table in GRIDS[args.grid] for name, _, _ in table.rows]
+    else:
+        fixed = {"checkpoints", "model", "dataset", "questions", "out", "json"} | (
+            {"group_by"} if args.dataset == "tiny" else set())
+        own = [CONDITIONS[name].eval for table in GRIDS[args.grid] for name, _, _ in table.rows]
+    return fixed | {key for flags in own for key in flags_set(make(), list(flags))}
 
 
 def device_slots(text):

@@ -56,6 +56,9 @@ PARSE_TABLE = [
     ("Answer: Paris\nConfidence: 9e9%", "Paris", None),
     ("Answer: Paris\nConfidence: 0.85.", "Paris", 0.85),
     ("Answer: Paris\nConfidence: 70%, roughly", "Paris", 0.70),
+    ("Answer: Paris\nConfidence: .9", "Paris", 0.9),                     # a real model writes it
+    ("Answer: Paris\nConfidence: 90%. Risk of overconfidence: 10%", "Paris", 0.9),   # a word of its own
+    ("Answer: Paris\nOverconfidence: 10%", "Paris", None),
 ]
 
 
@@ -73,6 +76,7 @@ def test_triviaqa_normalization_and_matching():
     assert calib.is_correct("Fab four.", ["Beatles", "Fab Four"])
     assert not calib.is_correct("Rolling Stones", ["Beatles"])
     assert not calib.is_correct(None, ["Beatles"])
+    assert not calib.is_correct("?", ["Beatles", "The"]) and not calib.is_correct("the", ["The"])   # blank aliases
 
 
 def test_abstentions():

@@ -110,6 +110,21 @@ def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tm
     assert "headroom" in capsys.readouterr().out
 
 
+def test_nonsense_eval_flags_are_refused_before_anything_runs(tmp_path, formatted, capsys):
+    model_dir, questions = formatted
+    for flags, message in ((["--ask", "  "], "--ask needs a question: it was empty"),
+                           (["--bootstrap", "1"], "--bootstrap must be 0 (no intervals) or at least 20")):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(flags + ["--out", str(tmp_path / "e")])
+        assert message in capsys.readouterr().err
+    listed = tmp_path / "q.jsonl"
+    listed.write_text("".join(json.dumps({**json.loads(line), "tags": ["a", "b"]}) + "\n" for line in open(questions)))
+    with pytest.raises(UserError, match="--group-by tags: its values are lists, not one group per question; group by "
+                                        "one of: question"):
+        evaluate.main(["--model", model_dir, "--dataset", str(listed), "--group-by", "tags", "--out",
+                       str(tmp_path / "e")])
+
+
 def test_training_log_plot(tmp_path):
     log = tmp_path / "run" / "metrics.jsonl"
     log.parent.mkdir()

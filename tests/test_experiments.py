@@ -3,6 +3,7 @@ finished work and an interrupted training run is resumed."""
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -166,8 +167,14 @@ def test_bad_flags_of_any_run_are_refused_before_the_first_trains(tmp_path, form
             experiments.main(argv(tmp_path, model, questions, *extra))
         assert message in capsys.readouterr().err
     with pytest.raises(experiments.UserError, match=r"train.py would refuse the flags of T \(seed 0\): argument "
-                                                    "--lr: must be a finite number, got nan"):
-        experiments.main(argv(tmp_path, model, questions, "--train-args=--lr nan"))
+                                                    "--clip: must be a finite number, got nan"):
+        experiments.main(argv(tmp_path, model, questions, "--train-args=--clip nan"))
+    for extra, message in ((["--train-args=--seed 5"], r"--train-args sets what the grid sets for each run \(--seed\)"),
+                           (["--train-args=--see 5 --lr 1"], r"\(--lr, --seed\)"),   # T's own --lr; abbreviated
+                           (["--eval-args=--out x --json y"], r"--eval-args sets .* \(--json, --out\)")):
+        with pytest.raises(SystemExit):
+            experiments.main(argv(tmp_path, model, questions, *extra))
+        assert re.search(message, capsys.readouterr().err), message
     with pytest.raises(experiments.UserError, match=r"eval.py would refuse the flags of untrained \(seed 0\): "
                                                     "argument --bootstrap: must be 0 or more"):
         experiments.main(argv(tmp_path, model, questions, "--eval-args=--bootstrap -5"))
