@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -104,13 +105,23 @@ def save_peft_folder(folder, tensors, meta):
     """The adapter in PEFT's folder layout, which PeftModel.from_pretrained(base_model, folder) and vLLM's LoRA
     serving load: adapter_config.json (a LoraConfig) and adapter_model.safetensors (the same tensors, whose
     names are PEFT's already, and our metadata, which PEFT ignores and read_adapter reads)."""
-    os.makedirs(folder, exist_ok=True)
     base = resolve("tiny") if meta["base_model"] == "tiny" else meta["base_model"]   # a path PEFT can load
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]),
               "target_modules": json.loads(meta["targets"]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base}
-    data.write_atomic(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata=meta))
-    data.write_atomic(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
+    # Written whole: a new folder beside it, then swapped in, so that a stop never pairs new weights with an old
+    # config (PEFT would load them without a word).
+    folder = os.path.normpath(folder)
+    new, old = folder + ".new", folder + ".old"
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(new)
+    data.write_atomic(os.path.join(new, "adapter_model.safetensors"), save(tensors, metadata=meta))
+    data.write_atomic(os.path.join(new, "adapter_config.json"), json.dumps(config, indent=2))
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter(path):

@@ -131,6 +131,8 @@ def parser(doc):
     return p
 
 
+RUN_FILES = {"config.json", "metrics.jsonl", "state.pt", "paraphrases.json", "wandb-id", "tensorboard"}
+
 # The flags that change no result: they may differ when a run is resumed. A run folder is the run wherever it
 # is moved and however its path is spelled (--out); the others say where, how fast and how far it goes.
 CHANGE_NO_RESULT = {"resume", "max_steps", "save_every", "ckpt", "device", "micro_batch_tokens", "out", "report_to"}
@@ -159,6 +161,10 @@ def parse_args(argv, doc):
         raise UserError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
                         f"{args.report_to}")
     cli.check_writable(args.ckpt, "--ckpt")
+    own = os.path.basename(args.ckpt)
+    if os.path.abspath(os.path.dirname(args.ckpt)) == os.path.abspath(args.out) and (
+            own in RUN_FILES or own.startswith("adapter-")):
+        p.error(f"--ckpt {args.ckpt} would overwrite the run folder's own {own}: name the final adapter otherwise")
     cli.check_writable(lora.peft_folder_of(args.ckpt), "--ckpt's PEFT folder", folder=True)
     return args
 

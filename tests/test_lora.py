@@ -119,3 +119,28 @@ def test_peft_folder_loads_in_peft_and_in_eval(tmp_path, tiny_tied):
     evaluate.main([str(folder), "--n", "2", "--max-new-tokens", "4", "--bootstrap", "0", "--dataset",
                    write_questions(tmp_path / "q.jsonl", 2), "--out", str(tmp_path / "e")])
     assert "ckpt-peft" in json.load(open(tmp_path / "e" / "metrics.json"))
+
+
+def test_a_peft_folder_is_replaced_whole_never_half_old(tmp_path, tiny_tied, monkeypatch):
+    folder = str(tmp_path / "ckpt-peft")
+    first = with_random_adapter(tiny_tied, seed=0, rank=1, alpha=2.0)
+    lora.save_adapter(first, str(tmp_path / "a.safetensors"), step=1, config={})
+    lora.save_peft_folder(folder, *lora.read_adapter(str(tmp_path / "a.safetensors")))
+    before = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+    second = with_random_adapter(tiny_tied, seed=1, rank=1, alpha=8.0)
+    lora.save_adapter(second, str(tmp_path / "b.safetensors"), step=2, config={})
+    real, writes = lora.data.write_atomic, []
+
+    def stopped(path, data):   # a stop after the weights, before the config
+        writes.append(path)
+        if path.endswith("adapter_config.json"):
+            raise KeyboardInterrupt
+        real(path, data)
+    monkeypatch.setattr(lora.data, "write_atomic", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        lora.save_peft_folder(folder, *lora.read_adapter(str(tmp_path / "b.safetensors")))
+    assert {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)} == before   # all old
+    monkeypatch.setattr(lora.data, "write_atomic", real)
+    lora.save_peft_folder(folder, *lora.read_adapter(str(tmp_path / "b.safetensors")))   # all new
+    assert json.load(open(os.path.join(folder, "adapter_config.json")))["lora_alpha"] == 8.0
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors", "ckpt-peft"]   # nothing left over

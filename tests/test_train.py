@@ -386,6 +386,7 @@ def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkey
     (["--is-cap", "nan"], "--is-cap: must be a finite number"),
     (["--correct-weight", "nan"], "--correct-weight: must be a finite number"),
     (["--correct-weight", "inf"], "--correct-weight: must be a finite number"),
+    (["--out", "runs/r", "--ckpt", "runs/r/metrics.jsonl"], "would overwrite the run folder's own metrics.jsonl"),
     (["--mix", "nan"], "--mix: must be a finite number"),
     (["--max-steps", "0"], "--max-steps: must be at least 1, got 0"),
     (["--max-steps", "-3"], "--max-steps: must be at least 1, got -3"),
