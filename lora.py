@@ -139,10 +139,47 @@ def read_adapter(path):
         raise UserError(f"cannot read checkpoint {path}: not a valid .safetensors adapter ({e})") from None
     if "base_model" not in meta or "rank" not in meta:
         raise UserError(f"{path} is a safetensors file but not an adapter of this project (no base_model metadata)")
+    problem = metadata_problem(meta)
+    if problem:
+        raise UserError(f"{path}: its metadata {problem}; it is not a usable adapter")
     broken = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if broken:
         raise UserError(f"{path} holds non-finite weights (NaN or inf, in {broken[0]}): it is not a usable adapter")
+    config = os.path.join(os.path.dirname(path), "adapter_config.json")
+    if os.path.basename(path) == "adapter_model.safetensors" and os.path.isfile(config):
+        differ = peft_config_differs(config, meta)   # PEFT reads the config, we read the weights' metadata
+        if differ:
+            raise UserError(f"{config} disagrees with its weights ({differ}): the folder mixes two adapters; "
+                            "write it again with python lora.py ADAPTER")
     return tensors, meta
+
+
+def metadata_problem(meta):
+    """What is wrong with an adapter's metadata (rank, alpha, targets), or None."""
+    try:
+        rank, alpha = int(meta["rank"]), float(meta.get("alpha", "nan"))
+        targets = json.loads(meta.get("targets", "null"))
+    except (ValueError, TypeError):
+        return "has a rank, alpha or targets that is not a number or JSON"
+    if rank < 1 or not math.isfinite(alpha) or alpha <= 0:
+        return (f"has rank {meta['rank']} and alpha {meta.get('alpha')}: it needs a rank of 1 or more and a finite "
+                "alpha above 0")
+    if not (isinstance(targets, list) and targets and set(targets) <= set(TARGETS)):
+        return f"names targets {meta.get('targets')!r}: a list of the projections {', '.join(TARGETS)}"
+    return None
+
+
+def peft_config_differs(path, meta):
+    """How a PEFT folder's adapter_config.json differs from its weights' metadata: "" when it agrees."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"it cannot be read: {e}"
+    ours = {"r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]), "target_modules": json.loads(meta["targets"])}
+    return "; ".join(f"{k} {config.get(k)!r} against {v!r}" for k, v in ours.items()
+                     if (sorted(config.get(k) or []) if k == "target_modules" else config.get(k)) !=
+                     (sorted(v) if k == "target_modules" else v))
 
 
 def load_adapter(model, path):

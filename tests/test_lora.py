@@ -144,3 +144,25 @@ def test_a_peft_folder_is_replaced_whole_never_half_old(tmp_path, tiny_tied, mon
     lora.save_peft_folder(folder, *lora.read_adapter(str(tmp_path / "b.safetensors")))   # all new
     assert json.load(open(os.path.join(folder, "adapter_config.json")))["lora_alpha"] == 8.0
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors", "ckpt-peft"]   # nothing left over
+
+
+def test_adapter_metadata_and_a_peft_config_are_checked_before_use(tmp_path, tiny_tied):
+    from safetensors.torch import save_file
+    model = with_random_adapter(tiny_tied, rank=1, alpha=2.0)
+    good = str(tmp_path / "a.safetensors")
+    lora.save_adapter(model, good, step=1, config={})
+    tensors, meta = lora.read_adapter(good)
+    for change, message in (({"alpha": "nan"}, "rank 1 and alpha nan"), ({"rank": "abc"}, "not a number or JSON"),
+                            ({"rank": "0"}, "rank 0 and alpha 2.0"), ({"targets": "q_proj"}, "not a number or JSON"),
+                            ({"targets": '["attn"]'}, "names targets"), ({"alpha": None}, "alpha None")):
+        bad = {k: v for k, v in {**meta, **change}.items() if v is not None}
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=bad)
+        with pytest.raises(UserError, match=message):
+            lora.read_adapter(str(tmp_path / "bad.safetensors"))
+    folder = tmp_path / "a-peft"
+    lora.save_peft_folder(str(folder), tensors, meta)
+    config = json.load(open(folder / "adapter_config.json"))
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16.0}))
+    with pytest.raises(UserError, match=r"adapter_config.json disagrees with its weights \(lora_alpha 16.0 against "
+                                        r"2.0\): the folder mixes two adapters"):
+        lora.read_adapter(str(folder))
