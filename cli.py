@@ -117,6 +117,9 @@ def check_writable(path, flag, folder=False):
     temporary file in the nearest folder that exists)."""
     if not path:
         raise UserError(f"{flag} is empty; give it a path")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{flag} {path} is a link to {os.readlink(path)}, which does not exist; remove the link or "
+                        "make its target")
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file; it must be a folder (new or existing)")
     if not folder and os.path.isdir(path):

@@ -160,6 +160,11 @@ def parse_args(argv, doc):
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise UserError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
                         f"{args.report_to}")
+    if args.report_to == "tensorboard":
+        cli.check_writable(os.path.join(args.out, "tensorboard"), "--report-to tensorboard's folder", folder=True)
+    if args.report_to == "wandb" and not wandb_can_log():
+        raise UserError("--report-to wandb: no Weights & Biases login here (no WANDB_API_KEY, no wandb login); run "
+                        "`wandb login`, or set WANDB_MODE=offline to log to --out and sync later")
     cli.check_writable(args.ckpt, "--ckpt")
     own = os.path.basename(args.ckpt)
     if os.path.abspath(os.path.dirname(args.ckpt)) == os.path.abspath(args.out) and (
@@ -167,6 +172,18 @@ def parse_args(argv, doc):
         p.error(f"--ckpt {args.ckpt} would overwrite the run folder's own {own}: name the final adapter otherwise")
     cli.check_writable(lora.peft_folder_of(args.ckpt), "--ckpt's PEFT folder", folder=True)
     return args
+
+
+def wandb_can_log():
+    """Whether wandb will log without asking for a key: offline or disabled, a key in the environment, or a
+    `wandb login` in ~/.netrc."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        with open(os.path.expanduser("~/.netrc")) as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
 
 
 def resumed_flags(p, argv, args):

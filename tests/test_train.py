@@ -682,6 +682,23 @@ def test_report_to_tensorboard_holds_every_logged_figure(tmp_path, formatted, mo
     monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
         train.parse_args(["--report-to", "wandb", "--out", str(tmp_path / "w")])
+    monkeypatch.undo()
+    # a tracker that cannot work, or a link to nowhere, is one line before anything runs, not after training
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "tensorboard").write_text("a file")
+    with pytest.raises(UserError, match="--report-to tensorboard's folder .*tensorboard is a file"):
+        train.parse_args(["--report-to", "tensorboard", "--out", str(tmp_path / "t")])
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: object())   # as if wandb were installed
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="--report-to wandb: no Weights & Biases login here.*WANDB_MODE=offline"):
+        train.parse_args(["--report-to", "wandb", "--out", str(tmp_path / "w")])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train.parse_args(["--report-to", "wandb", "--out", str(tmp_path / "w")])
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    with pytest.raises(UserError, match="--out .*link is a link to .*gone, which does not exist"):
+        train.parse_args(["--out", str(tmp_path / "link")])
 
 
 def test_one_run_folder_holds_one_live_run_and_a_killed_one_lets_go(tmp_path, formatted):
