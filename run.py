@@ -5,7 +5,8 @@ The run folder holds config.json (every flag), metrics.jsonl (one line per step)
 for --resume) and, with --report-to, the tracker's files. Nothing finished is ever lost: every file is written
 atomically (data.write_atomic), a log line all or nothing, and a resumed run drops the lines of steps after its
 checkpoint and redoes them exactly. A start that fails leaves nothing behind: the folder is made only once the
-flags, the data and the model have all been checked (Folder.begin).
+flags, the data and the model have all been checked (Folder.begin). A folder holds one live run (Folder.hold),
+and `--out FOLDER --resume` needs nothing else: the run's flags are in its config.json (resumed_flags).
 """
 
 import argparse
@@ -201,9 +202,11 @@ def resumed_flags(p, argv, args):
     p.set_defaults(**{key: unset for key in vars(args)})
     given = {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
     as_run = {"model": model_id, "dataset": dataset_id}   # the config names them so
-    differ = [f"--{k.replace('_', '-')} {config[k]} (given: {getattr(args, k)})" for k in sorted(given & config.keys())
-              if k not in CHANGE_NO_RESULT and config[k] != json.loads(json.dumps(as_run.get(k, lambda v: v)(
-                  getattr(args, k))))]
+    differ = []
+    for key in sorted(given & config.keys() - CHANGE_NO_RESULT):
+        now = json.loads(json.dumps(as_run.get(key, lambda v: v)(getattr(args, key))))   # as config.json has it
+        if config[key] != now:
+            differ.append(f"--{key.replace('_', '-')} {config[key]} (given: {getattr(args, key)})")
     if differ:
         raise UserError(f"{args.out} is a run with other flags: {'; '.join(differ)}. Resume it with `--out "
                         f"{args.out} --resume` alone, or choose another --out for these flags")
