@@ -16,6 +16,10 @@ Grids:
               per-rollout stability targets
   paraphrase  run C and stability alone (mix 0), each asking every question one way or four (--paraphrases 4;
               the question file must carry paraphrases, as the tiny world's do)
+  stress      the paper's collapse under more reuse of the labels: B and C at 2, 4 and 8 epochs over the same
+              1,600 questions and at 3x the learning rate, beside a positive control that pays wrong answers
+              (8 epochs); every run also evaluated on the questions it trained on; accuracy by fame, answers
+              changed, the answer push by fame, accuracy against dose
 
 Every condition trains in RUNS/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors;
 RUNS is --runs, by default --out) and is evaluated greedily on the held-out set in RUNS/<condition>-seed<k>/eval/
@@ -829,30 +833,55 @@ def pushes(args, name, seed):
 
 
 def push_markdown(args, labels):
-    """The mean labeled answer push by fame in each run's first and last epoch, with a 95% interval (a bootstrap
-    over the questions' pushes, pooled over steps and seeds)."""
-    header = ["condition", "epoch"] + list(FAMES) + ["all", "paid to be wrong"]
-    lines = ["The force behind a collapse: the mean answer push of labeled questions (mean advantage of right "
-             "rollouts - of wrong ones; negative: the step pushes towards wrong answers), over the questions whose "
-             "rollouts were both right and wrong, by fame, in the first and the last epoch; 95% bootstrap interval; "
-             "paid to be wrong: the share of those questions whose push is negative.", "",
+    """The mean answer push by fame in each run's first and last epoch, labeled questions (Brier) and unlabeled
+    ones (stability) apart, with a 95% interval (a bootstrap over the questions' pushes, pooled over steps and
+    seeds)."""
+    header = ["condition", "reward", "epoch"] + list(FAMES) + ["all", "pushed towards wrong"]
+    lines = ["The force behind a collapse: the mean answer push (mean advantage of right rollouts - of wrong ones; "
+             "negative: the step pushes towards wrong answers), over the questions whose rollouts were both right "
+             "and wrong, by fame, in the first and the last epoch; 95% bootstrap interval; pushed towards wrong: the "
+             "share of those questions whose push is negative (for Brier, the log's paid_to_be_wrong).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in PUSHED:
         entries = [x for s in range(args.seeds) for x in pushes(args, name, s)]
         last = max(x[0] for x in entries)
-        for epoch in sorted({0, last}):
-            mine = [x for x in entries if x[0] == epoch and x[2] and x[3] is not None]
-            cells = []
-            for fame in (*FAMES, None):
-                values = [x[3] for x in mine if fame is None or x[1] == fame]
-                if len(values) < 2:
-                    cells.append("-")
+        for labeled, kind in ((True, "Brier"), (False, "stability")):
+            for epoch in sorted({0, last}):
+                mine = [x for x in entries if x[0] == epoch and x[2] == labeled and x[3] is not None]
+                if not mine:
                     continue
-                low, high = calib.bootstrap(values, lambda v: {"m": float(np.mean(v))})["m"]
-                cells.append(f"{np.mean(values):+.2f} [{low:+.2f}, {high:+.2f}]")
-            paid = f"{np.mean([x[3] < 0 for x in mine]):.0%}" if mine else "-"
-            lines.append("| " + " | ".join([labels[name], str(epoch + 1), *cells, paid]) + " |")
+                cells = []
+                for fame in (*FAMES, None):
+                    values = [x[3] for x in mine if fame is None or x[1] == fame]
+                    if len(values) < 2:
+                        cells.append("-")
+                        continue
+                    low, high = calib.bootstrap(values, lambda v: {"m": float(np.mean(v))})["m"]
+                    cells.append(f"{np.mean(values):+.2f} [{low:+.2f}, {high:+.2f}]")
+                paid = f"{np.mean([x[3] < 0 for x in mine]):.0%}"
+                lines.append("| " + " | ".join([labels[name], kind, str(epoch + 1), *cells, paid]) + " |")
     return lines + [""]
+
+
+def epochs_markdown(args, labels):
+    """Epoch by epoch in the 8-epoch runs, for the people the model half knows or does not know: the share of
+    rollouts right on the training questions, and the mean labeled push (seeds pooled). Which comes first?"""
+    lines = []
+    for fame in ("rare", "unwritten"):
+        header = ["condition"] + [f"epoch {e + 1}" for e in range(8)]
+        lines += [f"{fame.capitalize()} people, epoch by epoch: rollouts right / mean labeled answer push:", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in ("B-e8", "C-e8", "control-e8"):
+            entries = [x for s in range(args.seeds) for x in pushes(args, name, s) if x[1] == fame]
+            cells = []
+            for epoch in range(8):
+                right = [x[4] for x in entries if x[0] == epoch]
+                push = [x[3] for x in entries if x[0] == epoch and x[2] and x[3] is not None]
+                cells.append((f"{np.mean(right):.0%}" if right else "-") + " / " +
+                             (f"{np.mean(push):+.2f}" if push else "-"))
+            lines.append("| " + " | ".join([labels[name], *cells]) + " |")
+        lines.append("")
+    return lines
 
 
 def dose_plot(args, path):
@@ -918,6 +947,7 @@ def stress_markdown(args, table):
     lines += ["Accuracy against the dose (mean ± sd over seeds):", "", "![Accuracy against the dose](dose.png)", "",
               "## The force behind a collapse", ""]
     lines += push_markdown(args, labels)
+    lines += epochs_markdown(args, labels)
     push_plot(args, "push-by-fame.png", labels)
     lines += ["Epoch by epoch, by fame, in the 8-epoch runs: the share of rollouts right on the training questions "
               "and the mean labeled answer push:", "", "![Push and accuracy by fame](push-by-fame.png)", ""]
