@@ -888,28 +888,31 @@ def epochs_markdown(args, labels):
 
 
 def dose_plot(args, path):
-    """Accuracy against the number of passes over the labels, held out and on the questions trained on: one
-    line per reward, mean and sd over seeds; the untrained model dashed."""
+    """Accuracy against the number of passes over the labels, held out and on the questions trained on, over all
+    questions and about rare people (where the push turns against the answers): one line per reward, mean and
+    sd over seeds; the untrained model dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, get, title in ((axes[0], held_out_responses, "held-out questions"),
-                           (axes[1], training_responses, "questions trained on")):
-        untrained = np.mean([np.mean([r["correct"] for r in get(args, "untrained", s)]) for s in range(args.seeds)])
-        ax.axhline(untrained, color="k", ls="--", lw=0.8, label="untrained")
-        for n, (label, points) in enumerate(DOSES.items()):
-            acc = [[np.mean([r["correct"] for r in get(args, name, s)]) for s in range(args.seeds)]
-                   for name, _ in points]
-            sd = np.std(acc, 1, ddof=1) if args.seeds > 1 else None
-            ax.errorbar([e for _, e in points], np.mean(acc, 1), yerr=sd, marker="os^v*"[n], color=f"C{n}", capsize=3,
-                        label=label, ls="-" if len(points) > 1 else "")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True)
+    for row, fame in enumerate((None, "rare")):
+        accuracy = lambda rows: np.mean([r["correct"] for r in rows if fame is None or r.get("fame") == fame])
+        for ax, get, title in ((axes[row, 0], held_out_responses, "held-out questions"),
+                               (axes[row, 1], training_responses, "questions trained on")):
+            untrained = np.mean([accuracy(get(args, "untrained", s)) for s in range(args.seeds)])
+            ax.axhline(untrained, color="k", ls="--", lw=0.8, label="untrained")
+            for n, (label, points) in enumerate(DOSES.items()):
+                acc = [[accuracy(get(args, name, s)) for s in range(args.seeds)] for name, _ in points]
+                sd = np.std(acc, 1, ddof=1) if args.seeds > 1 else None
+                ax.errorbar([e for _, e in points], np.mean(acc, 1), yerr=sd, marker="os^v*"[n], color=f"C{n}",
+                            capsize=3, label=label, ls="-" if len(points) > 1 else "")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+            ax.set_title(title + (f", {fame} people" if fame else ""))
+        axes[row, 0].set_ylabel("greedy accuracy")
+    for ax in axes[1]:
         ax.set_xlabel("epochs over the same 1,600 questions")
-        ax.set_title(title)
-    axes[0].set_ylabel("greedy accuracy")
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, path), dpi=120)
     plt.close(fig)
@@ -947,7 +950,8 @@ def stress_markdown(args, table):
     lines = ["## What reuse does, by fame and on the questions trained on", ""]
     lines += by_fame_markdown(args, [(name, label) for name, label, _ in table.rows])
     dose_plot(args, "dose.png")
-    lines += ["Accuracy against the dose (mean ± sd over seeds):", "", "![Accuracy against the dose](dose.png)", "",
+    lines += ["Accuracy against the dose, all questions and rare people (mean ± sd over seeds):", "",
+              "![Accuracy against the dose](dose.png)", "",
               "## The force behind a collapse", ""]
     lines += push_markdown(args, labels)
     lines += epochs_markdown(args, labels)
