@@ -130,7 +130,8 @@ class Table:
     note: str = ""
 
 
-TRAINED = ("accuracy", "calibration_gap", "auroc", "auroc_within_group", "auroc_group_base_rate", "ece")
+TRAINED = ("accuracy", "calibration_gap", "auroc", "auroc_within_group", "auroc_group_base_rate", "ece", "e_aurc",
+           "brier_resolution")   # the last two only where the evaluation has them (evaluated since they exist)
 GRIDS = {
     "paper": [
         Table("Sanity check: stability predicts correctness (untrained, 8 rollouts)",
@@ -662,7 +663,8 @@ NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": 
          "confidence_when_correct": "confidence when right", "confidence_when_wrong": "confidence when wrong",
          "abstention_rate": "abstention", "mean_confidence": "mean confidence", "mean_stability": "stability",
          "mean_stability_paraphrased": "stability over 4 phrasings", "auroc_stability": "stability's AUROC",
-         "auroc_stability_paraphrased": "stability's AUROC over 4 phrasings"}
+         "auroc_stability_paraphrased": "stability's AUROC over 4 phrasings", "e_aurc": "E-AURC",
+         "brier_resolution": "Brier resolution"}
 
 
 def fmt(value, column):
