@@ -41,10 +41,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import calib
 import data
+import eval as evaluation   # eval.py; the name 'eval' is Python's
 import lora
 import reward
 import train
@@ -433,22 +435,59 @@ def rollout_bench(shape, dtype, device, lora_rank):
 PROMPT_TOKENS, ESTIMATE_GB = 61, 27   # docs/speed.md: the learning step's peak at the defaults, Qwen3-4B in bf16
 
 
+def random_model(shape, device):
+    """Our Qwen3 of `shape` with seeded random weights: bf16 on a GPU, fp32 on a CPU."""
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, **SHAPES[shape])
+    with torch.device(device):
+        return Qwen3(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def random_prompts(count):
+    """`count` seeded prompts of PROMPT_TOKENS tokens, the first 20 shared, as a real instruction is."""
+    prompts = [torch.randint(0, 151000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(count)]
+    return [[7] * 20 + p[20:] for p in prompts]
+
+
+def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000):
+    """What eval.py --probe adds, at a real model's shape (random weights): the greedy answers to `questions`
+    prompts in eval's batches of 32, answers that never stop (the longest case), against the probe's one forward
+    pass per question over prompt + answer (eval.probe_features); and the probe's cross-validated fit
+    (calib.probe_scores, on the CPU) to `fitted` questions' features of the model's width."""
+    model = random_model(shape, device)
+    prompts = random_prompts(questions)
+    sync(device)
+    t = time.perf_counter()
+    greedy = [out for i in range(0, questions, 32)
+              for out in generate(model, Vocab([]), prompts[i:i + 32], max_new_tokens=new_tokens, temperature=0)]
+    sync(device)
+    answered = time.perf_counter() - t
+    t = time.perf_counter()
+    for prompt, out in zip(prompts, greedy):
+        evaluation.probe_features(model, prompt, out.ids)
+    sync(device)
+    probed = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((fitted, model.cfg.hidden_size))
+    y = X[:, 0] + rng.standard_normal(fitted) > 0
+    t = time.perf_counter()
+    calib.probe_scores(X, y)
+    return {"questions": questions, "answer_tokens": new_tokens, "greedy_s": answered, "probe_forward_s": probed,
+            "probe_share_of_greedy": probed / answered, "fit_questions": fitted,
+            "fit_width": model.cfg.hidden_size, "fit_s": time.perf_counter() - t, "cpu_threads": torch.get_num_threads()}
+
+
 def learning_step(shape, device, new_tokens=256):
     """One training step at our defaults (8 questions x 8 rollouts, up to `new_tokens` new tokens, rank-1 LoRA
     on all 7 projections, bf16) on random weights of `shape`: rollouts that never stop (the longest case),
     then learn(). Returns seconds for sampling and learning and the peak memory in GB."""
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, **SHAPES[shape])
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = Qwen3(cfg).to(dtype).eval()
+    model = random_model(shape, device)
     lora.add_lora(model, 1, 2.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
                              "--ckpt", tempfile.mktemp(suffix=".safetensors")])
-    prompts = [torch.randint(0, 151000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(i)).tolist()
-               for i in range(args.batch)]
-    prompts = [[7] * 20 + p[20:] for p in prompts]   # a shared instruction, as real prompts have
+    prompts = random_prompts(args.batch)
     sync(device)
     reset_peak(device)
     t = time.perf_counter()
@@ -472,11 +511,11 @@ def timed(command, **kw):
 
 
 def gpu_check(out):
-    """--gpu-check: the figures a GPU should confirm, in one command (a few minutes on one GPU), written to
-    `out` as they come: the rollout bench at the Qwen3-4B-Instruct-2507 shape in bf16 (tokens/s against
-    transformers, share of the roofline), one learning step at that shape (seconds, peak memory against the
-    27 GB docs/speed.md estimates), the README's tiny commands on CUDA, and with two GPUs the tiny command in two
-    processes (torchrun, NCCL) against one."""
+    """--gpu-check: the figures a GPU should confirm, in one command (about 10 minutes on one H200), written to
+    `out` as they come: what eval.py --probe costs at the Qwen3-4B shape, the rollout bench at the
+    Qwen3-4B-Instruct-2507 shape in bf16 (tokens/s against transformers, share of the roofline), one learning
+    step at that shape (seconds, peak memory against the 27 GB docs/speed.md estimates), the README's tiny
+    commands on CUDA, and with two GPUs the tiny command in two processes (torchrun, NCCL) against one."""
     if not torch.cuda.is_available():
         raise SystemExit("error: --gpu-check needs a CUDA GPU, and this machine has none (torch.cuda.is_available() "
                          "is False); on a GPU machine install the CUDA build of torch first")
@@ -498,22 +537,26 @@ def gpu_check(out):
     tiny = ["--model", "tiny", "--dataset", "tiny", "--data", "1600", "--epochs", "2", "--mix", "0.5",
             "--device", "cuda"]
 
-    def tiny_commands():
-        seconds = timed([sys.executable, os.path.join(here, "train.py"), *tiny, "--out", "one", "--ckpt",
-                         "one.safetensors"], cwd=work)
-        timed([sys.executable, os.path.join(here, "eval.py"), "one.safetensors", "--rollouts", "8", "--device",
-               "cuda", "--out", "eval"], cwd=work)
+    def tiny_training():
+        return {"train_s": timed([sys.executable, os.path.join(here, "train.py"), *tiny, "--out", "one", "--ckpt",
+                                  "one.safetensors"], cwd=work)}
+
+    def tiny_evaluation():   # its own stage, so a check cut short keeps the training's time
+        seconds = timed([sys.executable, os.path.join(here, "eval.py"), "one.safetensors", "--rollouts", "8",
+                         "--device", "cuda", "--out", "eval"], cwd=work)
         result = json.load(open(os.path.join(work, "eval", "metrics.json")))["one"]
-        return {"train_s": seconds, **{k: result[k] for k in (
+        return {"eval_s": seconds, **{k: result[k] for k in (
             "accuracy", "calibration_gap", "auroc", "ece", "r_stability_correct", "r_confidence_correct")}}
 
     def two_processes():
         two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                      os.path.join(here, "train.py"), *tiny, "--out", "two", "--ckpt", "two.safetensors"], cwd=work)
-        return {"train_s": two, "one_process_train_s": figures["tiny_readme_command_cuda"].get("train_s")}
+        return {"train_s": two, "one_process_train_s": figures["tiny_readme_train_cuda"].get("train_s")}
+    record("probe_cost_4b_bf16", lambda: probe_cost("4b", "cuda"))
     record("rollout_bench_4b_bf16", lambda: rollout_bench("4b", torch.bfloat16, "cuda", 1))
     record("learning_step_4b_bf16", lambda: {**learning_step("4b", "cuda"), "estimate_gb": ESTIMATE_GB})
-    record("tiny_readme_command_cuda", tiny_commands)
+    record("tiny_readme_train_cuda", tiny_training)
+    record("tiny_readme_eval_cuda", tiny_evaluation)
     if torch.cuda.device_count() >= 2:
         record("tiny_two_processes_nccl", two_processes)
     print(f"wrote {out}")
@@ -534,7 +577,7 @@ def main():
                    help="bench one full training step against TRL's GRPOTrainer instead of rollouts")
     p.add_argument("--model", default="tiny", help="with --train: the model (hub id, local directory or 'tiny')")
     p.add_argument("--gpu-check", metavar="JSON", nargs="?", const="gpu-check.json",
-                   help="on a GPU: the 4B-shape rollout bench, a 4B-shape learning step, the README's tiny commands "
+                   help="on a GPU: the 4B-shape cost of eval --probe, the 4B-shape rollout bench, a 4B-shape learning step, the README's tiny commands "
                         "on CUDA and (two GPUs) torchrun, their figures written to JSON as they come")
     args = p.parse_args()
     if args.gpu_check:
