@@ -453,7 +453,7 @@ def random_prompts(count):
 def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000):
     """What eval.py --probe adds, at a real model's shape (random weights): the greedy answers to `questions`
     prompts in eval's batches of 32, answers that never stop (the longest case), against the probe's one forward
-    pass per question over prompt + answer (eval.probe_features); and the probe's cross-validated fit
+    pass over each batch's prompt + answer sequences (eval.probe_features); and the probe's cross-validated fit
     (calib.probe_scores, on the CPU) to `fitted` questions' features of the model's width."""
     model = random_model(shape, device)
     prompts = random_prompts(questions)
@@ -464,8 +464,8 @@ def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000):
     sync(device)
     answered = time.perf_counter() - t
     t = time.perf_counter()
-    for prompt, out in zip(prompts, greedy):
-        evaluation.probe_features(model, prompt, out.ids)
+    for i in range(0, questions, 32):
+        evaluation.probe_features(model, prompts[i:i + 32], [out.ids for out in greedy[i:i + 32]])
     sync(device)
     probed = time.perf_counter() - t
     rng = np.random.default_rng(0)

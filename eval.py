@@ -25,7 +25,7 @@ import reward
 from cli import UserError
 from model import ChatTokenizer, load_model, model_id
 from parallel import distributed, gather, rank_and_world
-from rollout import check_length, generate, seed_of
+from rollout import check_length, generate, left_pad, seed_of
 
 # A response "mentions an alternative" when it names another candidate answer in one of these ways. A simple,
 # readable heuristic for the paper's behavioural finding, not a classifier.
@@ -161,7 +161,7 @@ def answer_all(model, tok, questions, args, label):
                           n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
                           seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)]) \
             if k > 1 else []
-        hidden = [probe_features(model, p, out.ids) for p, out in zip(prompts, greedy)] if args.probe else []
+        hidden = probe_features(model, prompts, [out.ids for out in greedy]) if args.probe else []
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
@@ -179,13 +179,16 @@ def answer_all(model, tok, questions, args, label):
     return [r for _, records in sorted(x for share in gather(mine) for x in share) for r in records]
 
 
-def probe_features(model, prompt, completion):
-    """The model's final hidden states where the answer starts (the prompt's last token, before any answer token)
-    and where it ends (the answer's last token): one forward pass over prompt + answer."""
+def probe_features(model, prompts, completions):
+    """Each question's final hidden states where the answer starts (the prompt's last token, before any answer
+    token) and where it ends (the answer's last token): one forward pass over the batch's prompt + answer
+    sequences, left-padded (the padding is masked, so each row's states are its own)."""
     device = model.lm_head.weight.device
+    ids, valid = left_pad([p + c for p, c in zip(prompts, completions)], pad_id=0, device=device)
     with torch.no_grad():
-        h = model.hidden_states(torch.tensor([prompt + completion], device=device))[0]
-    return h[len(prompt) - 1].float().cpu().numpy(), h[-1].float().cpu().numpy()
+        h = model.hidden_states(ids, valid).float().cpu().numpy()
+    T = ids.shape[1]   # every sequence ends at T - 1; its prompt at T - 1 - (answer length)
+    return [(h[i, T - 1 - len(c)], h[i, T - 1]) for i, c in enumerate(completions)]
 
 
 def add_probe_scores(records, seed):

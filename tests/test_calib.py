@@ -101,6 +101,7 @@ def test_auroc_against_brute_force_pairwise_count():
     brute = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
     assert calib.auroc(c, y) == pytest.approx(brute)
     assert math.isnan(calib.auroc([0.5, 0.6], [1, 1]))
+    assert calib.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1, 3.5, 2]   # ties share their mean rank
 
 
 def test_perfectly_calibrated_set_has_gap_and_ece_near_zero():

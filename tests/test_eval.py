@@ -93,7 +93,7 @@ def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tm
                    "--bootstrap", "20", "--out", str(out)])
     base = json.load(open(out / "metrics.json"))["base"]
     records = [json.loads(line) for line in open(out / "responses-base.jsonl")]
-    assert len(seen) == len(records) == 24   # one forward pass per question, no extra generation
+    assert len(seen) == 1 and len(seen[0][1]) == len(records) == 24   # one forward pass per batch, no generation
     assert all("hidden_prompt" not in r and 0 <= r["probe_prompt"] <= 1 and 0 <= r["probe_answer"] <= 1
                for r in records)   # the scores are kept, the hidden states are not
     correct = [r["correct"] for r in records]
@@ -101,12 +101,17 @@ def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tm
         assert base[f"auroc_probe_{position}"] == pytest.approx(
             calib.auroc([r[f"probe_{position}"] for r in records], correct), nan_ok=True)
         assert f"auroc_probe_{position}" in base["ci"]
-    # the prompt's state is the prompt's last token's, the answer's the answer's last token's
-    model, prompt, completion = seen[0]
-    with torch.no_grad():
-        h = model.hidden_states(torch.tensor([prompt + completion]))[0]
-    at_prompt, at_answer = real(model, prompt, completion)
-    assert np.allclose(at_prompt, h[len(prompt) - 1].numpy()) and np.allclose(at_answer, h[-1].numpy())
+    # the prompt's state is the prompt's last token's, the answer's the answer's last token's, each question's
+    # own whatever the padding of its batch (answers of different lengths, an empty one among them)
+    model, prompts, completions = seen[0]
+    completions = [completions[0], completions[1][:5], []]
+    assert len(set(map(len, completions))) == 3
+    for (prompt, completion), (at_prompt, at_answer) in zip(zip(prompts, completions),
+                                                            real(model, prompts[:3], completions)):
+        with torch.no_grad():
+            h = model.hidden_states(torch.tensor([prompt + completion]))[0]
+        assert np.allclose(at_prompt, h[len(prompt) - 1].numpy(), atol=1e-5)
+        assert np.allclose(at_answer, h[-1].numpy(), atol=1e-5)
     assert "headroom" in capsys.readouterr().out
 
 
