@@ -177,9 +177,23 @@ def peft_config_differs(path, meta):
     except (OSError, ValueError) as e:
         return f"it cannot be read: {e}"
     ours = {"r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]), "target_modules": json.loads(meta["targets"])}
-    return "; ".join(f"{k} {config.get(k)!r} against {v!r}" for k, v in ours.items()
-                     if (sorted(config.get(k) or []) if k == "target_modules" else config.get(k)) !=
-                     (sorted(v) if k == "target_modules" else v))
+    differs = [f"{k} {config.get(k)!r} against {v!r}" for k, v in ours.items()
+               if (sorted(config.get(k) or []) if k == "target_modules" else config.get(k)) !=
+               (sorted(v) if k == "target_modules" else v)]
+    named = config.get("base_model_name_or_path")
+    if not (isinstance(named, str) and names_base(named, meta["base_model"])):   # PEFT would load it on another model
+        differs.append(f"base_model_name_or_path {named!r} against {meta['base_model']!r}")
+    return "; ".join(differs)
+
+
+def names_base(named, base):
+    """Whether a PEFT config's base_model_name_or_path names `base`, the base model of the weights' metadata: the
+    same hub id or folder, or for 'tiny' its folder in any checkout (save_peft_folder names it by path)."""
+    if named == base:
+        return True
+    if base == "tiny":
+        return os.path.normpath(named).endswith(os.path.join("tiny", "model"))
+    return os.path.isdir(named) and os.path.isdir(base) and os.path.samefile(named, base)
 
 
 def load_adapter(model, path):

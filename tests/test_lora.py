@@ -166,3 +166,12 @@ def test_adapter_metadata_and_a_peft_config_are_checked_before_use(tmp_path, tin
     with pytest.raises(UserError, match=r"adapter_config.json disagrees with its weights \(lora_alpha 16.0 against "
                                         r"2.0\): the folder mixes two adapters"):
         lora.read_adapter(str(folder))
+    # another base model named in the config: PEFT would load the weights on it
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen3-8B"}))
+    with pytest.raises(UserError, match=r"disagrees with its weights \(base_model_name_or_path 'Qwen/Qwen3-8B' "
+                                        r"against '.+'\)"):
+        lora.read_adapter(str(folder))
+    # the tiny model is named by its folder, which moves with the checkout
+    assert lora.names_base("/elsewhere/checkout/tiny/model", "tiny")
+    assert not lora.names_base("/elsewhere/checkout/other/model", "tiny")
+    assert not lora.names_base("Qwen/Qwen3-8B", "Qwen/Qwen3-4B-Instruct-2507")
