@@ -129,6 +129,7 @@ class Table:
     columns: tuple
     rows: tuple   # (condition, label, {column: the paper's figure})
     note: str = ""
+    plots: bool = True   # training curves and reliability diagrams of its rows (False: other tables have them)
 
 
 TRAINED = ("accuracy", "calibration_gap", "auroc", "auroc_within_group", "auroc_group_base_rate", "ece", "e_aurc",
@@ -165,6 +166,18 @@ GRIDS = {
                ("C", "RL training (run C)", {"calibration_gap": 0.117, "gap_reduction": 0.76})),
               "A model that cannot follow the calibration prompt shows it as parse failures (no confidence stated), "
               "and as accuracy 0: a response without a confidence counts as wrong."),
+        Table("What the model knows against what it says: a linear probe on its hidden state",
+              ("auroc", "auroc_probe_prompt", "auroc_probe_answer", "auroc_within_group",
+               "probe_answer_auroc_within_group", "e_aurc", "brier_resolution"),
+              (("untrained", "untrained", {}), ("prompted", "calibration prompt", {}),
+               ("brier-5000", "100% Brier, 5,000 questions", {}), ("mixed-5000", "50/50 mixed, 5,000", {}),
+               ("stability-5000", "100% stability, 5,000", {}), ("A", "A: 100% Brier, 1 epoch", {}),
+               ("B", "B: 100% Brier, 2 epochs", {}), ("C", "C: 50% Brier + 50% stability, 2 epochs", {})),
+              "The probe: logistic regression (L2, 5-fold cross-validated) on the model's last hidden state where "
+              "the answer starts / ends, predicting whether the greedy answer is right; each run evaluated once more "
+              "with eval.py --probe (FOLDER/eval-probe, the same greedy answers). Its distance from the stated "
+              "confidence's AUROC is headroom, what the model's state holds and its words do not say, not a target "
+              "the policy can see.", plots=False),
     ],
     "sweep": [
         Table("Mixing sweep: 1,600 questions, 2 epochs", TRAINED,
@@ -246,6 +259,7 @@ GRIDS = {
     ],
 }
 ON_TRAINING_QUESTIONS = {"stress"}   # grids whose runs are also evaluated on the questions they trained on
+PROBED = {"paper"}   # grids whose runs are evaluated once more with eval.py --probe (the probe's ceiling)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -531,6 +545,28 @@ def training_evals(name, seed, args):
     return evals
 
 
+def probe_evals(name, seed, args):
+    """A grid in PROBED evaluates each run once more with eval.py --probe, into FOLDER/eval-probe: the flags of
+    its evaluation, so the same greedy answers, plus the probe. [(the eval folder, the eval.py flags)]."""
+    if args.grid not in PROBED:
+        return []
+    out = os.path.join(run_folder(args, name, seed), "eval-probe")
+    return [(out, [*evaluated(name, seed, args), "--dataset", args.dataset, "--questions", str(args.n), "--out", out,
+                   *CONDITIONS[name].eval, "--probe", *args.eval_args])]
+
+
+def with_probe(result, out):
+    """A run's figures with what its --probe evaluation adds: the probe's AUROCs, and the measures its first
+    evaluation predates (E-AURC, Brier's parts). Refused if the two did not give the same answers."""
+    with open(os.path.join(out, "metrics.json")) as f:
+        probed = next(iter(json.load(f).values()))
+    if (probed["n"], probed["accuracy"], probed["mean_confidence"]) != \
+            (result["n"], result["accuracy"], result["mean_confidence"]):
+        raise UserError(f"{out} holds other answers than the run's evaluation (accuracy {probed['accuracy']:.3f} "
+                        f"against {result['accuracy']:.3f}); delete it, and the grid evaluates it again")
+    return {**probed, **result, "ci": {**probed["ci"], **result["ci"]}}
+
+
 def device_flags(device):
     """The train.py / eval.py flags of a --devices slot: the GPUs of a slot are cuda:0, cuda:1, ... to the run."""
     return [] if device is None else ["--device", "cpu" if device == "cpu" else "cuda"]
@@ -546,7 +582,8 @@ def check_commands(args, jobs):
             if training:
                 check_flags("train.py", train.parse_args, training + list(device), name, seed)
             check_flags("eval.py", evaluate.parse_args, evaluation + list(device), name, seed)
-            for _, _, flags in training_evals(name, seed, args):
+            for flags in [flags for _, _, flags in training_evals(name, seed, args)] + \
+                    [flags for _, flags in probe_evals(name, seed, args)]:
                 check_flags("eval.py", evaluate.parse_args, flags + list(device), name, seed)
 
 
@@ -569,9 +606,10 @@ def run_condition(name, seed, args, device=None):
     cond, folder = CONDITIONS[name], run_folder(args, name, seed)
     final, results = os.path.join(folder, "final.safetensors"), os.path.join(folder, "eval", "metrics.json")
     training, evaluation = commands(name, seed, args)
-    on_training = training_evals(name, seed, args)
+    on_training, probing = training_evals(name, seed, args), probe_evals(name, seed, args)
     claim_folder(folder, {"train.py": training, "eval.py": evaluation,
-                          **{f"eval.py {os.path.basename(out)}": argv for _, out, argv in on_training}})
+                          **{f"eval.py {os.path.basename(out)}": argv
+                             for out, argv in [(out, argv) for _, out, argv in on_training] + probing}})
     if cond.train and not os.path.exists(final):
         resuming = os.path.exists(os.path.join(folder, "config.json"))
         print(f"  training{' (resuming)' if resuming else ''}: {folder}", flush=True)
@@ -586,8 +624,13 @@ def run_condition(name, seed, args, device=None):
             pool = train.training_pool(train.parse_args(pool_flags))
             data.write_atomic(os.path.join(out, "questions.jsonl"), "".join(json.dumps(q) + "\n" for q in pool))
             launch("eval.py", argv, args, device, folder)
+    for out, argv in probing:
+        if not os.path.exists(os.path.join(out, "metrics.json")):
+            print(f"  evaluating with the probe: {out}", flush=True)
+            launch("eval.py", argv, args, device, folder)
     with open(results) as f:
-        return next(iter(json.load(f).values()))
+        result = next(iter(json.load(f).values()))
+    return with_probe(result, probing[0][0]) if probing else result
 
 
 def claim_folder(folder, commands):
@@ -666,7 +709,9 @@ NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": 
          "abstention_rate": "abstention", "mean_confidence": "mean confidence", "mean_stability": "stability",
          "mean_stability_paraphrased": "stability over 4 phrasings", "auroc_stability": "stability's AUROC",
          "auroc_stability_paraphrased": "stability's AUROC over 4 phrasings", "e_aurc": "E-AURC",
-         "brier_resolution": "Brier resolution"}
+         "brier_resolution": "Brier resolution", "auroc_probe_prompt": "probe's AUROC, answer start",
+         "auroc_probe_answer": "probe's AUROC, answer end",
+         "probe_answer_auroc_within_group": "probe's AUROC within kind, answer end"}
 
 
 def fmt(value, column):
@@ -978,7 +1023,7 @@ def write_report(args, tables, results):
         lines += [f"## {table.title}", ""] + table_markdown(table, args, results) + [""]
         if table.note:
             lines += [table.note, ""]
-        for caption, path in write_plots(args, table):
+        for caption, path in write_plots(args, table) if table.plots else ():
             lines += [f"{caption}:", "", f"![{caption}]({path})", ""]
     if args.grid == "stress":
         lines += stress_markdown(args, tables[0])

@@ -240,6 +240,38 @@ def test_a_grid_on_training_questions_evaluates_each_run_on_its_own_pool(tmp_pat
     assert f"| {np.mean([f['accuracy'] - f['mean_confidence'] for f in figures]):+.3f} |" in row, row
 
 
+def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, formatted, grid, monkeypatch):
+    """The paper grid's probe column: each run is evaluated once more with --probe (the same greedy answers), and
+    the report's probe figures are that evaluation's, beside the first evaluation's own."""
+    model, questions = formatted
+    monkeypatch.setattr(experiments, "PROBED", {"two"})
+    experiments.GRIDS["two"].append(experiments.Table(
+        "Probe", ("auroc", "auroc_probe_prompt", "auroc_probe_answer"),
+        (("untrained", "untrained", {}), ("T", "run T", {})), plots=False))
+    experiments.main(argv(tmp_path, model, questions))
+    out = tmp_path / "grid"
+    report = (out / "report.md").read_text()
+    assert "reliability-probe.png" not in report and not (out / "reliability-probe.png").exists()
+    for name in ("untrained", "T"):
+        first = json.load(open(out / f"{name}-seed0" / "eval" / "metrics.json"))
+        probed = json.load(open(out / f"{name}-seed0" / "eval-probe" / "metrics.json"))
+        first, probed = next(iter(first.values())), next(iter(probed.values()))
+        assert probed["accuracy"] == first["accuracy"] and "auroc_probe_prompt" not in first
+        assert "--probe" in json.load(open(out / f"{name}-seed0" / "commands.json"))["eval.py eval-probe"]
+        label = "untrained" if name == "untrained" else "run T"
+        row = next(line for line in report.splitlines()
+                   if line.startswith(f"| {label} |") and line.count("|") == 5)   # the probe table's row
+        for key in ("auroc_probe_prompt", "auroc_probe_answer"):
+            assert experiments.fmt(probed[key], key) in row, (key, row)
+    # a probe evaluation of other answers is not mixed into the run's figures
+    path = out / "T-seed0" / "eval-probe" / "metrics.json"
+    tampered = json.load(open(path))
+    next(iter(tampered.values()))["accuracy"] += 0.5
+    path.write_text(json.dumps(tampered))
+    with pytest.raises(experiments.UserError, match="eval-probe holds other answers than the run's evaluation"):
+        experiments.main(argv(tmp_path, model, questions))
+
+
 def test_changed_share_counts_answers_that_are_not_the_same_answer():
     before = [{"question": q, "answer": a} for q, a in (("a?", "Paris"), ("b?", "Lyon"), ("c?", None), ("d?", "x"))]
     after = [{"question": q, "answer": a} for q, a in (("a?", "paris."), ("b?", "Nice"), ("c?", None), ("d?", "y"))]
