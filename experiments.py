@@ -874,7 +874,8 @@ def spread(values, column):
 
 def pushes(args, name, seed):
     """Every labeled or unlabeled question's push in a run's log: [(epoch, fame, labeled, push, share right)]; the
-    push is None where its rollouts were all right or all wrong."""
+    push is None where its rollouts were all right or all wrong. stress_markdown reads each log once, for the
+    PUSHED runs, its seeds pooled, and hands the entries to the tables and figure below."""
     folder = run_folder(args, name, seed)
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
@@ -884,7 +885,7 @@ def pushes(args, name, seed):
             for r in data.read_records(os.path.join(folder, "metrics.jsonl")) for i, right, push in r["questions"]]
 
 
-def push_markdown(args, labels):
+def push_markdown(logged, labels):
     """The mean answer push by fame in each run's first and last epoch, labeled questions (Brier) and unlabeled
     ones (stability) apart, with a 95% interval (a bootstrap over the questions' pushes, pooled over steps and
     seeds)."""
@@ -894,8 +895,7 @@ def push_markdown(args, labels):
              "and wrong, by fame, in the first and the last epoch; 95% bootstrap interval; pushed towards wrong: the "
              "share of those questions whose push is negative (for Brier, the log's paid_to_be_wrong).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in PUSHED:
-        entries = [x for s in range(args.seeds) for x in pushes(args, name, s)]
+    for name, entries in logged.items():
         last = max(x[0] for x in entries)
         for labeled, kind in ((True, "Brier"), (False, "stability")):
             for epoch in sorted({0, last}):
@@ -915,7 +915,7 @@ def push_markdown(args, labels):
     return lines + [""]
 
 
-def epochs_markdown(args, labels):
+def epochs_markdown(logged, labels):
     """Epoch by epoch in the 8-epoch runs, for the people the model half knows or does not know: the share of
     rollouts right on the training questions, and the mean labeled push (seeds pooled). Which comes first?"""
     lines = []
@@ -924,7 +924,7 @@ def epochs_markdown(args, labels):
         lines += [f"{fame.capitalize()} people, epoch by epoch: rollouts right / mean labeled answer push:", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name in ("B-e8", "C-e8", "control-e8"):
-            entries = [x for s in range(args.seeds) for x in pushes(args, name, s) if x[1] == fame]
+            entries = [x for x in logged[name] if x[1] == fame]
             cells = []
             for epoch in range(8):
                 right = [x[4] for x in entries if x[0] == epoch]
@@ -967,7 +967,7 @@ def dose_plot(args, path):
     plt.close(fig)
 
 
-def push_plot(args, path, labels):
+def push_plot(logged, path, labels):
     """By fame, epoch by epoch: the share of rollouts right on the training questions (top) and the mean labeled
     answer push (bottom), of the 8-epoch runs."""
     import matplotlib
@@ -975,7 +975,7 @@ def push_plot(args, path, labels):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(FAMES), figsize=(12, 5.5), sharex=True, sharey="row")
     for n, name in enumerate(("B-e8", "C-e8", "control-e8")):
-        entries = [x for s in range(args.seeds) for x in pushes(args, name, s)]
+        entries = logged[name]
         epochs = sorted({x[0] for x in entries})
         for column, fame in enumerate(FAMES):
             right = [np.mean([x[4] for x in entries if x[0] == e and x[1] == fame]) for e in epochs]
@@ -990,7 +990,7 @@ def push_plot(args, path, labels):
     axes[1, 0].set_ylabel("labeled answer push")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, path), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -1002,9 +1002,10 @@ def stress_markdown(args, table):
     lines += ["Accuracy against the dose, all questions and rare people (mean ± sd over seeds):", "",
               "![Accuracy against the dose](dose.png)", "",
               "## The force behind a collapse", ""]
-    lines += push_markdown(args, labels)
-    lines += epochs_markdown(args, labels)
-    push_plot(args, "push-by-fame.png", labels)
+    logged = {name: [x for s in range(args.seeds) for x in pushes(args, name, s)] for name in PUSHED}
+    lines += push_markdown(logged, labels)
+    lines += epochs_markdown(logged, labels)
+    push_plot(logged, os.path.join(args.out, "push-by-fame.png"), labels)
     lines += ["Epoch by epoch, by fame, in the 8-epoch runs: the share of rollouts right on the training questions "
               "and the mean labeled answer push:", "", "![Push and accuracy by fame](push-by-fame.png)", ""]
     return lines
