@@ -450,22 +450,22 @@ def random_prompts(count):
     return [[7] * 20 + p[20:] for p in prompts]
 
 
-def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000):
+def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000, batch=32):
     """What eval.py --probe adds, at a real model's shape (random weights): the greedy answers to `questions`
-    prompts in eval's batches of 32, answers that never stop (the longest case), against the probe's one forward
-    pass over each batch's prompt + answer sequences (eval.probe_features); and the probe's cross-validated fit
-    (calib.probe_scores, on the CPU) to `fitted` questions' features of the model's width."""
+    prompts in batches of `batch` (eval's default), answers that never stop (the longest case), against the
+    probe's one forward pass over each batch's prompt + answer sequences (eval.probe_features); and the probe's
+    cross-validated fit (calib.probe_scores, on the CPU) to `fitted` questions' features of the model's width."""
     model = random_model(shape, device)
     prompts = random_prompts(questions)
     sync(device)
     t = time.perf_counter()
-    greedy = [out for i in range(0, questions, 32)
-              for out in generate(model, Vocab([]), prompts[i:i + 32], max_new_tokens=new_tokens, temperature=0)]
+    greedy = [out for i in range(0, questions, batch)
+              for out in generate(model, Vocab([]), prompts[i:i + batch], max_new_tokens=new_tokens, temperature=0)]
     sync(device)
     answered = time.perf_counter() - t
     t = time.perf_counter()
-    for i in range(0, questions, 32):
-        evaluation.probe_features(model, prompts[i:i + 32], [out.ids for out in greedy[i:i + 32]])
+    for i in range(0, questions, batch):
+        evaluation.probe_features(model, prompts[i:i + batch], [out.ids for out in greedy[i:i + batch]])
     sync(device)
     probed = time.perf_counter() - t
     rng = np.random.default_rng(0)
@@ -475,7 +475,8 @@ def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000):
     calib.probe_scores(X, y)
     return {"questions": questions, "answer_tokens": new_tokens, "greedy_s": answered, "probe_forward_s": probed,
             "probe_share_of_greedy": probed / answered, "fit_questions": fitted,
-            "fit_width": model.cfg.hidden_size, "fit_s": time.perf_counter() - t, "cpu_threads": torch.get_num_threads()}
+            "fit_width": model.cfg.hidden_size, "fit_s": time.perf_counter() - t,
+            "cpu_threads": torch.get_num_threads()}
 
 
 def learning_step(shape, device, new_tokens=256):
@@ -577,8 +578,9 @@ def main():
                    help="bench one full training step against TRL's GRPOTrainer instead of rollouts")
     p.add_argument("--model", default="tiny", help="with --train: the model (hub id, local directory or 'tiny')")
     p.add_argument("--gpu-check", metavar="JSON", nargs="?", const="gpu-check.json",
-                   help="on a GPU: the 4B-shape cost of eval --probe, the 4B-shape rollout bench, a 4B-shape learning step, the README's tiny commands "
-                        "on CUDA and (two GPUs) torchrun, their figures written to JSON as they come")
+                   help="on a GPU: the 4B-shape cost of eval --probe, the 4B-shape rollout bench, a 4B-shape learning "
+                        "step, the README's tiny commands on CUDA and (two GPUs) torchrun, their figures written to "
+                        "JSON as they come")
     args = p.parse_args()
     if args.gpu_check:
         return gpu_check(args.gpu_check)

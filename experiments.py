@@ -511,10 +511,15 @@ def commands(name, seed, args):
     final = os.path.join(folder, "final.safetensors")
     training = ["--model", args.model, "--dataset", args.dataset, *cond.train, "--seed", str(seed), "--out", folder,
                 "--ckpt", final, *args.train_args] if cond.train else []
+    return training, held_out_flags(name, seed, args, os.path.join(folder, "eval"))
+
+
+def held_out_flags(name, seed, args, out, *more):
+    """eval.py's flags for a condition's evaluation on the held-out questions into `out`, with `more` flags
+    (--probe) before the grid's --eval-args."""
     # --questions, not its alias --n: torchrun as a launcher would take --n for a prefix of its own --nnodes
-    evaluation = [*evaluated(name, seed, args), "--dataset", args.dataset, "--questions", str(args.n), "--out",
-                  os.path.join(folder, "eval"), *cond.eval, *args.eval_args]
-    return training, evaluation
+    return [*evaluated(name, seed, args), "--dataset", args.dataset, "--questions", str(args.n), "--out", out,
+            *CONDITIONS[name].eval, *more, *args.eval_args]
 
 
 def evaluated(name, seed, args):
@@ -551,8 +556,7 @@ def probe_evals(name, seed, args):
     if args.grid not in PROBED:
         return []
     out = os.path.join(run_folder(args, name, seed), "eval-probe")
-    return [(out, [*evaluated(name, seed, args), "--dataset", args.dataset, "--questions", str(args.n), "--out", out,
-                   *CONDITIONS[name].eval, "--probe", *args.eval_args])]
+    return [(out, held_out_flags(name, seed, args, out, "--probe"))]
 
 
 def with_probe(result, out):
