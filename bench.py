@@ -186,12 +186,12 @@ def measure(side, workload, shape, dtype, device, lora_rank, queue):
     result = dict(tokens=sum(lengths), seconds=seconds, mean_len=sum(lengths) / len(lengths),
                   peak_mb=memory_mb(device, peak=True), base_mb=base)
     if side == "ours" and not rollout:
-        result["parts"] = time_parts(model, prompts, device)
+        result["time_split"] = time_split(model, prompts, device)
     queue.put(result)
 
 
 @torch.no_grad()
-def time_parts(model, prompts, device):
+def time_split(model, prompts, device):
     """Where the fixed workload's time goes: forward passes timed by hooks inside a real run (prefill apart
     from decode steps); the rest of the loop is log-softmax, sampling and Python. Sampling alone is timed
     separately on a batch of logits of the same shape."""
@@ -406,15 +406,15 @@ def rollout_bench(shape, dtype, device, lora_rank):
                   f"in {r['seconds']:6.2f} s = {r['tokens'] / r['seconds']:7.1f} tokens/s; "
                   f"peak memory {r['peak_mb']:7.0f} MB ({r['peak_mb'] - r['base_mb']:+.0f} MB over the run's start)")
 
-    parts = results["ours", "fixed"]["parts"]
-    rest = parts["total"] - parts["prefill"] - parts["decode"]
-    print(f"where our fixed run's time goes ({parts['total']:.2f} s, timed inside the run): prefill "
-          f"{parts['prefill']:.3f} s; {NEW_TOKENS} decode forwards {parts['decode']:.2f} s; sampling, log-probs "
-          f"and Python {rest:.2f} s, of which sampling alone ~{parts['sampling']:.2f} s")
+    split = results["ours", "fixed"]["time_split"]
+    rest = split["total"] - split["prefill"] - split["decode"]
+    print(f"where our fixed run's time goes ({split['total']:.2f} s, timed inside the run): prefill "
+          f"{split['prefill']:.3f} s; {NEW_TOKENS} decode forwards {split['decode']:.2f} s; sampling, log-probs "
+          f"and Python {rest:.2f} s, of which sampling alone ~{split['sampling']:.2f} s")
     cache_len = max(map(len, build_prompts())) + NEW_TOKENS // 2
     roof = roofline(shape, cache_len, dtype, bandwidth, flops)
-    step = parts["decode"] / NEW_TOKENS
-    whole = parts["total"] / NEW_TOKENS
+    step = split["decode"] / NEW_TOKENS
+    whole = split["total"] / NEW_TOKENS
     print(f"roofline of one decode step (batch {PROMPTS * SAMPLES}, cache {cache_len}): {roof * 1e3:.2f} ms; "
           f"our decode forward takes {step * 1e3:.2f} ms ({roof / step:.0%} of roofline), "
           f"{whole * 1e3:.2f} ms with sampling and overhead ({roof / whole:.0%})")

@@ -139,8 +139,8 @@ def check_writable(path, flag, folder=False):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run(main):
-    """Run a script's main(): bad input ends in one line and exit code 1, Ctrl-C in one line and 130. A
+def entry(main):
+    """Start a script's main(): bad input ends in one line and exit code 1, Ctrl-C in one line and 130. A
     KeyboardInterrupt raised with a message (train.py's: where the last checkpoint is) prints that message."""
     try:
         main()

@@ -137,7 +137,7 @@ def load_system(checkpoint, args):
     model = load_model(base, dtype, args.device)
     if checkpoint is not None:
         lora.load_adapter(model, checkpoint)
-        lora.merge(model)   # fp32: one matmul per layer; bf16 keeps W x + s B A x, the model exactly as trained
+        lora.merge(model)   # fp32: one matmul per layer; bf16 keeps W x + s up(down(x)), the model exactly as trained
     return model, ChatTokenizer(base)
 
 
@@ -148,7 +148,7 @@ def answer_all(model, tok, questions, args, label):
     numbers), and all get the records back in order; question j's samples are seeded by (seed, j)."""
     rank, world = rank_and_world()
     starts = range(0, len(questions), args.batch)[rank::world]
-    mine = []
+    answered = []   # this process's batches: (the first question's index, their records)
     for i in tqdm(starts, desc=f"eval {label}", unit="batch", disable=rank > 0):
         batch = questions[i:i + args.batch]
         prompts = [tok.chat(calib.messages(q["question"], args.prompt)) for q in batch]
@@ -156,17 +156,17 @@ def answer_all(model, tok, questions, args, label):
         samples = (generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
                             seeds=[seed_of(args.seed, i + j) for j in range(len(batch))]) if args.rollouts else [])
         k = args.paraphrases   # with k > 1, N more answers, N / k to each of k phrasings
-        spread = generate(model, tok, [tok.chat(calib.messages(text, args.prompt)) for q in batch
-                                       for text in data.phrasings(q, k)],
-                          n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
-                          seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)]) \
+        over_phrasings = generate(model, tok, [tok.chat(calib.messages(text, args.prompt)) for q in batch
+                                               for text in data.phrasings(q, k)],
+                                  n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
+                                  seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)]) \
             if k > 1 else []
         hidden = probe_features(model, prompts, [out.ids for out in greedy]) if args.probe else []
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
             sampled = [calib.parse(c.text)[0] for c in samples[j * args.rollouts:(j + 1) * args.rollouts]]
-            paraphrased = [calib.parse(c.text)[0] for c in spread[j * args.rollouts:(j + 1) * args.rollouts]]
+            paraphrased = [calib.parse(c.text)[0] for c in over_phrasings[j * args.rollouts:(j + 1) * args.rollouts]]
             records.append({**q, "response": out.text,
                             "answer": answer, "confidence": confidence,
                             "correct": calib.is_correct(answer, q["answers"]),
@@ -175,8 +175,8 @@ def answer_all(model, tok, questions, args, label):
                             "stability": calib.stability(sampled) if sampled else None,
                             **({"stability_paraphrased": calib.stability(paraphrased)} if paraphrased else {}),
                             **({"hidden_prompt": hidden[j][0], "hidden_answer": hidden[j][1]} if hidden else {})})
-        mine.append((i, records))
-    return [r for _, records in sorted(x for share in gather(mine) for x in share) for r in records]
+        answered.append((i, records))
+    return [r for _, records in sorted(x for share in gather(answered) for x in share) for r in records]
 
 
 def probe_features(model, prompts, completions):
@@ -305,11 +305,11 @@ def changes_markdown(records_by_label, path, top=20):
     labels = list(records_by_label)
     rows = list(zip(*records_by_label.values()))
 
-    def spread(row):
+    def confidence_range(row):
         c = [r["confidence"] for r in row if r["confidence"] is not None]
         return max(c) - min(c) if len(c) > 1 else -1
     lines = [f"# Largest changes in stated confidence: {' vs '.join(labels)}", ""]
-    for row in sorted(rows, key=spread, reverse=True)[:top]:
+    for row in sorted(rows, key=confidence_range, reverse=True)[:top]:
         lines += [f"## {row[0]['question']}", "", f"Correct answers: {', '.join(row[0]['answers'][:5])}", ""]
         for label, r in zip(labels, row):
             conf = "no confidence" if r["confidence"] is None else f"{r['confidence']:.0%}"
@@ -386,18 +386,18 @@ def ask(args):
         greedy = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, temperature=0)[0]
         texts = [c.text for c in generate(model, tok, [prompt], n=n, max_new_tokens=args.max_new_tokens,
                                           seeds=[seed_of(args.seed, 0)])]
-        stability_r, parts = reward.group_rewards(texts, answers, labeled=False)
+        stability_r, grading = reward.group_rewards(texts, answers, labeled=False)
         brier_r, _ = reward.group_rewards(texts, answers, labeled=True)
         rows = [{"answer": calib.parse(t)[0], "cluster": k, "confidence": c, "correct": y if answers else None,
                  "stability_reward": rs, "stability_advantage": rs - np.mean(stability_r),
                  **({"brier_reward": rb, "brier_advantage": rb - np.mean(brier_r)} if answers else {})}
                 for t, k, c, y, rs, rb in zip(texts, calib.cluster_keys([calib.parse(t)[0] for t in texts]),
-                                              parts["confidence"], parts["correct"], stability_r, brier_r)]
+                                              grading["confidence"], grading["correct"], stability_r, brier_r)]
         # the force on the answers were this question trained on (reward.answer_push), labeled or not
-        push = {"answer_push_labeled": reward.answer_push(brier_r, parts),
-                "answer_push_unlabeled": reward.answer_push(stability_r, parts)} if answers else {}
-        shown[label] = {"greedy": greedy.text, "stability": parts["stability"], "samples": rows, **push}
-        print_microscope(label, greedy.text, parts["stability"], rows, answers)
+        push = {"answer_push_labeled": reward.answer_push(brier_r, grading),
+                "answer_push_unlabeled": reward.answer_push(stability_r, grading)} if answers else {}
+        shown[label] = {"greedy": greedy.text, "stability": grading["stability"], "samples": rows, **push}
+        print_microscope(label, greedy.text, grading["stability"], rows, answers)
         if push:
             print("answer push (mean advantage of right - of wrong samples; negative: towards wrong answers): " +
                   ", ".join(f"{'Brier' if k.endswith('_labeled') else 'stability'} " +
@@ -475,4 +475,4 @@ def evaluate(args, rank=0):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.entry(main)

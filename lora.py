@@ -1,7 +1,8 @@
-"""A hand-rolled LoRA: W x + (alpha / r) B A x, with A (r x in) and B (out x r) the only trained weights.
+"""A hand-rolled LoRA: W x + (alpha / r) up(down(x)), with down (r x in) and up (out x r) the only trained weights.
 
-B starts at zero, so step 0 is exactly the base model. Adapters are saved as .safetensors with PEFT's key
-names (base_model.model.<module>.lora_A.weight) and the run's metadata, so PEFT loads them too.
+up starts at zero, so step 0 is exactly the base model. Adapters are saved as .safetensors with PEFT's key
+names (base_model.model.<module>.lora_A.weight for down, lora_B for up) and the run's metadata, so PEFT loads
+them too.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import data
 from cli import UserError
 from model import resolve
 
+TINY_MODEL = os.path.relpath(resolve("tiny"), os.path.dirname(os.path.abspath(__file__)))   # "tiny/model"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -30,21 +32,21 @@ class LoRALinear(nn.Module):
         self.base = base
         self.scale = alpha / rank
         # fp32 adapters whatever the base dtype: AdamW on bf16 weights would round small updates away
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # PEFT's initialization
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))   # PEFT's initialization
+        nn.init.zeros_(self.lora_up.weight)
         self.merged = None
 
     def merge(self):
-        """For sampling, in fp32 only: W + (alpha / r) B A as one weight, one matmul per call (exact to fp32
+        """For sampling, in fp32 only: W + (alpha / r) up down as one weight, one matmul per call (exact to fp32
         rounding, ~1e-5 nats per sequence). In bf16 the sum would round the update away (|W| ~ 2e-2 next to an
-        early |B A| ~ 1e-3: bf16 keeps 8 bits), so the sampler would not be the policy being trained; there the
+        early |up down| ~ 1e-3: bf16 keeps 8 bits), so the sampler would not be the policy being trained; there the
         layer keeps the two paths, exactly as training computes them. Kept beside W, so unmerging is exact."""
         if self.base.weight.dtype != torch.float32:
             return
         with torch.no_grad():
-            self.merged = self.base.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight)
+            self.merged = self.base.weight + self.scale * (self.lora_up.weight @ self.lora_down.weight)
 
     def unmerge(self):
         self.merged = None
@@ -53,8 +55,8 @@ class LoRALinear(nn.Module):
         if self.merged is not None:
             return F.linear(x, self.merged)
         # the low-rank path in fp32 (the adapter's dtype), added to W x in the model's dtype; the scale multiplies
-        # the r-wide A x, not the out-wide result
-        return self.base(x) + self.lora_B(self.scale * self.lora_A(x.float())).to(x.dtype)
+        # the r-wide down x, not the out-wide result
+        return self.base(x) + self.lora_up(self.scale * self.lora_down(x.float())).to(x.dtype)
 
 
 def add_lora(model, rank=1, alpha=2.0, targets=TARGETS):
@@ -83,10 +85,23 @@ def unmerge(model):
         m.unmerge()
 
 
+PEFT_NAMES = {"lora_down": "lora_A", "lora_up": "lora_B"}   # what PEFT, and so every saved adapter, calls them
+
+
+def peft_name(name):
+    """A LoRA weight's name in PEFT's files: model.layers.0.self_attn.q_proj.lora_down.weight ->
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    module, matrix, weight = name.rsplit(".", 2)
+    return f"base_model.model.{module}.{PEFT_NAMES[matrix]}.{weight}"
+
+
+def is_lora(name):
+    return name.rsplit(".", 2)[-2] in PEFT_NAMES
+
+
 def adapter_state(model):
-    """The trained weights under PEFT's names: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
-    return {f"base_model.model.{name}": p.detach().contiguous()
-            for name, p in model.named_parameters() if "lora_" in name}
+    """The trained weights under PEFT's names (peft_name)."""
+    return {peft_name(name): p.detach().contiguous() for name, p in model.named_parameters() if is_lora(name)}
 
 
 def save_adapter(model, path, step, config):
@@ -105,7 +120,9 @@ def save_peft_folder(folder, tensors, meta):
     """The adapter in PEFT's folder layout, which PeftModel.from_pretrained(base_model, folder) and vLLM's LoRA
     serving load: adapter_config.json (a LoraConfig) and adapter_model.safetensors (the same tensors, whose
     names are PEFT's already, and our metadata, which PEFT ignores and read_adapter reads)."""
-    base = resolve("tiny") if meta["base_model"] == "tiny" else meta["base_model"]   # a path PEFT can load
+    # a name PEFT can load: the embedded model by its folder relative to the checkout, "tiny/model", which
+    # resolves in any checkout from its root (where the README's commands run); an absolute path would not
+    base = TINY_MODEL if meta["base_model"] == "tiny" else meta["base_model"]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]), "lora_alpha": float(meta["alpha"]),
               "target_modules": json.loads(meta["targets"]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base}
@@ -211,7 +228,7 @@ def load_adapter(model, path):
 def set_adapter_state(model, tensors):
     """Copy adapter tensors (PEFT names, as adapter_state gives them) into the model's LoRA weights.
     Returns False, changing nothing, when they are not exactly this model's LoRA weights."""
-    own = {f"base_model.model.{name}": p for name, p in model.named_parameters() if "lora_" in name}
+    own = {peft_name(name): p for name, p in model.named_parameters() if is_lora(name)}
     if set(own) != set(tensors) or any(own[k].shape != v.shape for k, v in tensors.items()):
         return False
     for key, value in tensors.items():
@@ -233,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.entry(main)

@@ -45,13 +45,14 @@ def labeled_draw(n_questions, mix, seed):
     return np.random.default_rng([seed, 1]).random(n_questions) < mix
 
 
-def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
-    """Rewards of one question's N rollouts (their texts), and the parts worth logging. target(s, answers) gives
-    each rollout's target on an unlabeled question (default: s for all N, the paper's)."""
+def group_rewards(responses, aliases, labeled, correct_weight=0.0, unlabeled_target=None):
+    """Rewards of one question's N rollouts (their texts), and their grading: what the rewards read, worth
+    logging. unlabeled_target(s, answers) gives each rollout's target on an unlabeled question (default: s for
+    all N, the paper's)."""
     parsed = [calib.parse(r) for r in responses]
     answers = [a for a, _ in parsed]
     s = calib.stability(answers)
-    goals = target(s, answers) if target else [s] * len(answers)
+    goals = unlabeled_target(s, answers) if unlabeled_target else [s] * len(answers)
     rewards, correct = [], []
     for (answer, confidence), goal in zip(parsed, goals):
         right = calib.is_correct(answer, aliases)
@@ -64,7 +65,7 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
             rewards.append(stability_reward(goal, confidence))
     return rewards, {
         "stability": s,
-        "target": float(np.mean(goals)),
+        "unlabeled_target": float(np.mean(goals)),
         "correct": correct,
         "confidence": [c for _, c in parsed],
         "parsed": [a is not None and c is not None for a, c in parsed],
@@ -72,14 +73,14 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0, target=None):
     }
 
 
-def answer_push(rewards, parts):
+def answer_push(rewards, grading):
     """The force of a question's rewards on its answers: mean advantage of the right rollouts - mean advantage of
     the wrong ones, over the rollouts whose answer and confidence were parsed (the baseline cancels: it is the
     difference of their mean rewards). Negative: the step pushes the policy towards wrong answers. None when the
     parsed rollouts are not both right and wrong (no answer is preferred). Correctness is judged against the
     question's answers whether or not the reward saw them (an unlabeled question's reward does not)."""
-    right = [r for r, y, ok in zip(rewards, parts["correct"], parts["parsed"]) if ok and y]
-    wrong = [r for r, y, ok in zip(rewards, parts["correct"], parts["parsed"]) if ok and not y]
+    right = [r for r, y, ok in zip(rewards, grading["correct"], grading["parsed"]) if ok and y]
+    wrong = [r for r, y, ok in zip(rewards, grading["correct"], grading["parsed"]) if ok and not y]
     if not right or not wrong:
         return None
     return float(np.mean(right) - np.mean(wrong))

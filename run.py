@@ -101,8 +101,8 @@ def parser(doc):
     g.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
     g.add_argument("--temperature", type=cli.positive, default=1.0,
                    help="sampling temperature of the rollouts (the learner's log-probs use it too)")
-    g.add_argument("--is-cap", type=cli.non_negative, default=2.0,
-                   help="C of the truncated importance weight min(p_learn / p_sample, C) on each token's "
+    g.add_argument("--is-cap", type=cli.non_negative, default=2.0, metavar="CAP",
+                   help="the cap of the truncated importance weight min(p_learn / p_sample, CAP) on each token's "
                         "advantage, which corrects what sampler-learner mismatch remains (0: none)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch", type=cli.count, default=8, help="questions per step")
@@ -260,9 +260,9 @@ class Folder:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{self.args.out} is in use by another training process{holder(self.args.out)}: a run "
-                            "folder holds one live run; wait for it to end (or stop it), or choose another --out") \
-                from None
+            holder = lock_holder(self.args.out)
+            raise UserError(f"{self.args.out} is in use by another training process{holder}: a run folder holds "
+                            "one live run; wait for it to end (or stop it), or choose another --out") from None
         self.held = fd
 
     def begin(self, start, total_steps, files=None):
@@ -307,7 +307,7 @@ class Folder:
         """A step's log line: metrics.jsonl, the progress bar, the tracker."""
         if self.rank == 0:
             append_line(self.log_file, json.dumps(record) + "\n")
-            show(self.bar, record)
+            show_step(self.bar, record)
             if self.report:
                 self.report(record)
 
@@ -443,13 +443,13 @@ def tracker(args, config, start):
         if not os.path.exists(id_file):
             data.write_atomic(id_file, uuid.uuid4().hex[:8])
         with open(id_file) as f:
-            run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)),
-                             dir=args.out, config=config, id=f.read().strip(), resume="allow")
-        return (lambda record: run.log(figures(record), step=record["step"])), run.finish
+            wandb_run = wandb.init(project="calibration-rl", name=os.path.basename(os.path.abspath(args.out)),
+                                   dir=args.out, config=config, id=f.read().strip(), resume="allow")
+        return (lambda record: wandb_run.log(figures(record), step=record["step"])), wandb_run.finish
     return None, None
 
 
-def holder(folder):
+def lock_holder(folder):
     """ " (process PID)" of the process that holds a flock on `folder`, from Linux's /proc/locks; "" elsewhere."""
     try:
         inode = os.stat(folder).st_ino
@@ -495,7 +495,8 @@ def keep_metrics_until(path, step):
         data.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def show(bar, record):
+def show_step(bar, record):
+    """The progress bar's figures of the step just logged: reward, accuracy, calibration gap."""
     bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                     gap="-" if record["calibration_gap"] is None else f"{record['calibration_gap']:+.2f}")
 

@@ -7,7 +7,7 @@ or stability (unlabeled question) - see reward.py - and takes one AdamW step on 
 How this departs from full policy-gradient machinery, on purpose:
   - on-policy: one gradient step per batch of fresh rollouts, so no PPO clipping and no KL term. The sampler and
     the learner are one policy (the LoRA applied the same way, fp32 logits, the same temperature); each
-    token's truncated importance weight min(p_learn / p_sample, C) is 1 then, and only corrects what bf16's
+    token's truncated importance weight min(p_learn / p_sample, cap) is 1 then, and only corrects what bf16's
     numerical noise leaves (`policy_mismatch` in the log measures it);
   - advantage A_i = R_i - mean_j R_j over the question's N rollouts (the baseline); no division by the group's
     std (with it, groups whose answers all agree weigh as much as informative ones);
@@ -16,9 +16,10 @@ How this departs from full policy-gradient machinery, on purpose:
   - every generated token is in the loss, the stop token included, so the model learns when to stop.
 
 Flags that depart from the paper's estimator (its choice is each one's default, but for --is-cap):
-  --is-cap C                 each token's term weighted by min(p_learn / p_sample, C) (importance_weight). On by
-                             default (C = 2), the one default that is not the paper's: on-policy it is 1 up to
-                             numerical noise (about 1e-7 in fp32), so it changes a run by rounding only, and on
+  --is-cap CAP               each token's term weighted by min(p_learn / p_sample, CAP) (importance_weight). On
+                             by default (CAP = 2), the one default that is not the paper's: on-policy it is 1 up to
+                             numerical noise (|log p_learn - log p_sample| about 1e-7 nats per token in fp32, the
+                             log's policy_mismatch), so it changes a run by rounding only, and on
                              bf16 it corrects what the noise leaves; --is-cap 0 is the paper's estimator exactly;
   --credit confidence        on an unlabeled question the advantage lands on the confidence statement only: the
                              stability reward depends on nothing else, and crediting the answer tokens with it
@@ -63,14 +64,15 @@ LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the lear
 
 
 @dataclass
-class Asked:
-    """One question of a step, and what its N rollouts got: the per-question record of the method."""
+class Graded:
+    """One question of a step, its N rollouts and how the reward graded them: the per-question record of the
+    method."""
     index: int         # the question's index in the training pool (its rollouts' seeds, its labeled draw)
     question: dict     # {"question": ..., "answers": [...], ...}
     labeled: bool      # rewarded by the Brier score (True) or by stability (False)
-    rollouts: list     # its N rollout.Completion: token ids, the sampler's log-probs, the text
+    completions: list  # its N rollouts, each a rollout.Completion: token ids, the sampler's log-probs, the text
     rewards: list      # R_i of each rollout (reward.group_rewards)
-    parts: dict        # what the reward read: stability, target, correct, confidence, parsed, abstained
+    grading: dict      # what the reward read: stability, unlabeled_target, correct, confidence, parsed, abstained
 
     def advantages(self):
         """A_i = R_i - mean_j R_j: the question's own mean reward is the baseline."""
@@ -81,31 +83,31 @@ class Asked:
 # One step: rollouts, rewards, advantages, the policy-gradient update.
 
 
-def train_step(model, tok, optimizer, questions, indices, labeled, args, step, n_questions, target=None):
+def train_step(model, tok, optimizer, questions, indices, labeled, args, step, n_questions, unlabeled_target=None):
     """One step on this process's share of a batch (questions, their pool indices, their labeled flags):
     rollouts, rewards, advantages, the update. n_questions: the whole batch's, over every process. Returns what
-    the step's log line needs from this share (step_record joins the shares). target: the unlabeled questions'
-    per-rollout targets (reward.group_rewards; None: stability, the paper's)."""
+    the step's log line needs from this share (step_record joins the shares). unlabeled_target: the unlabeled
+    questions' per-rollout targets (reward.group_rewards; None: stability, the paper's)."""
     t0 = time.perf_counter()
-    prompts, answers = rollouts(model, tok, questions, indices, args, step)            # N answers per question
+    prompts, answers = sample_answers(model, tok, questions, indices, args, step)      # N answers per question
     t1 = time.perf_counter()
-    asked = []
-    for index, question, is_labeled, mine in zip(indices, questions, labeled, answers):
-        rewards, parts = reward.group_rewards([c.text for c in mine], question["answers"], is_labeled,
-                                              args.correct_weight, target)            # R_i, and what to log
-        asked.append(Asked(int(index), question, is_labeled, mine, rewards, parts))
-    advantages = [a for q in asked for a in q.advantages()]                           # A_i = R_i - mean_j R_j
-    starts = credit_starts(tok, asked, args)
+    graded = []
+    for index, question, is_labeled, completions in zip(indices, questions, labeled, answers):
+        rewards, grading = reward.group_rewards([c.text for c in completions], question["answers"], is_labeled,
+                                                args.correct_weight, unlabeled_target)   # R_i, and what to log
+        graded.append(Graded(int(index), question, is_labeled, completions, rewards, grading))
+    advantages = [a for q in graded for a in q.advantages()]                          # A_i = R_i - mean_j R_j
+    starts = credit_starts(tok, graded, args)
     t2 = time.perf_counter()
-    out = [c for q in asked for c in q.rollouts]
-    loss, mismatch, learned = learn(model, optimizer, prompts, out, advantages, args, n_questions * args.rollouts,
-                                    starts)
+    out = [c for q in graded for c in q.completions]
+    loss, mismatch, learned_tokens = learn(model, optimizer, prompts, out, advantages, args,
+                                           n_questions * args.rollouts, starts)
     t3 = time.perf_counter()
-    return {"asked": asked, "loss": loss, "mismatch": mismatch, "learned_tokens": learned,
+    return {"graded": graded, "loss": loss, "mismatch": mismatch, "learned_tokens": learned_tokens,
             "tokens": sum(len(c.ids) for c in out), "rollout_s": t1 - t0, "learn_s": t3 - t2}
 
 
-def rollouts(model, tok, questions, indices, args, step):
+def sample_answers(model, tok, questions, indices, args, step):
     """The prompts, and N sampled answers to each question from the current policy: a list per question. A
     question's answers are drawn from a generator seeded by (seed, step, its index in the pool): the same
     whatever the batch or process it is sampled in. With --paraphrases K each question is asked K ways, N / K
@@ -114,7 +116,7 @@ def rollouts(model, tok, questions, indices, args, step):
     prompts = [tok.chat(calib.messages(text)) for q in questions for text in data.phrasings(q, k)]
     seeds = [seed_of(args.seed, step, i) for i in indices] if k == 1 else \
         [seed_of(args.seed, step, i, j) for i in indices for j in range(k)]
-    lora.merge(model)   # fp32: one matmul per layer while sampling; bf16 keeps W x + s B A x, as learning does
+    lora.merge(model)   # fp32: one matmul per layer while sampling; bf16 keeps W x + s up(down(x)), as learning does
     try:
         out = generate(model, tok, prompts, n=per_question // k, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seeds=seeds)   # prompt-major: a question's N together
@@ -123,14 +125,14 @@ def rollouts(model, tok, questions, indices, args, step):
     return prompts, [out[q * per_question:(q + 1) * per_question] for q in range(len(questions))]
 
 
-def credit_starts(tok, asked, args):
+def credit_starts(tok, graded, args):
     """The first token of each rollout that carries its advantage: 0 (all of them, the paper's) unless --credit
     confidence, where an unlabeled rollout's advantage lands on its confidence statement only, since the
     stability reward depends on nothing else. A rollout that failed the format (no answer or no confidence) is
     blamed on every token: the format is what its reward judges."""
     starts = []
-    for q in asked:
-        for completion, parsed in zip(q.rollouts, q.parts["parsed"]):
+    for q in graded:
+        for completion, parsed in zip(q.completions, q.grading["parsed"]):
             on_confidence = args.credit == "confidence" and not q.labeled and parsed
             starts.append(confidence_start(tok, completion.ids) if on_confidence else 0)
     return starts
@@ -152,10 +154,10 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
     optimizer.zero_grad(set_to_none=False)   # zeros, not None: a process with nothing to learn still all-reduces
     per_prompt, norm = len(out) // len(prompts), n_rollouts * args.max_new_tokens
     total, mismatch, tokens = 0.0, 0.0, 0
-    for batch in micro_batches(prompts, [c.ids for c in out], per_prompt, args.micro_batch_tokens):
-        rows = [p * per_prompt + j for p in batch for j in range(per_prompt)]   # these prompts' rollouts
-        logp, mask = completion_logprobs(model, [prompts[p] for p in batch], [out[i].ids for i in rows], per_prompt,
-                                         args.temperature)
+    for micro_batch in micro_batches(prompts, [c.ids for c in out], per_prompt, args.micro_batch_tokens):
+        rows = [p * per_prompt + j for p in micro_batch for j in range(per_prompt)]   # these prompts' rollouts
+        logp, mask = completion_logprobs(model, [prompts[p] for p in micro_batch], [out[i].ids for i in rows],
+                                         per_prompt, args.temperature)
         sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor(
             [x for i in rows for x in out[i].logprobs], device=logp.device))   # log p_sample, as the sampler saw it
         log_ratio = (logp.detach() - sampled) * mask                            # log p_learn - log p_sample
@@ -177,11 +179,11 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
 
 
 def importance_weight(log_ratio, cap):
-    """--is-cap C (a departure, on by default): each token's term is weighted by w = min(p_learn / p_sample, C),
+    """--is-cap CAP (a departure, on by default): each token's term is weighted by w = min(p_learn / p_sample, CAP),
     held constant (the truncated importance weight, "TIS", Yao et al. 2025). p_sample is the probability the
     sampler recorded, p_learn the learner's own at the same temperature. They are one policy here: equal up to
-    ~1e-5 nats in fp32, within bf16's own noise in bf16, so w is 1 and this is plain on-policy REINFORCE; w
-    corrects what mismatch remains (policy_mismatch in the log shows how much). C = 0: no weight."""
+    about 1e-7 nats per token in fp32, within bf16's own noise in bf16, so w is 1 and this is plain on-policy
+    REINFORCE; w corrects what mismatch remains (policy_mismatch in the log shows how much). CAP = 0: no weight."""
     return log_ratio.exp().clamp(max=cap) if cap else 1.0
 
 
@@ -297,53 +299,53 @@ def shared_prefix(prompts):
 
 
 def micro_batches(prompts, completions, per_prompt, budget):
-    """Prompts grouped so that each batch's padded size Q * (P + per_prompt * L), with Q its prompts, P its
-    longest prompt and L its longest completion, stays within `budget` token positions (one prompt at least).
-    The learning step's memory grows with that size (at most: copies of an answer run once), so the budget
+    """Prompts grouped into micro-batches so that each one's padded size Q * (P + per_prompt * L), with Q its
+    prompts, P its longest prompt and L its longest completion, stays within `budget` token positions (one prompt
+    at least). The learning step's memory grows with that size (at most: copies of an answer run once), so the budget
     bounds it whatever the lengths. Prompts are taken in order of their longest completion, so that long ones pad
     each other rather than short ones."""
     longest = [max(len(completions[p * per_prompt + j]) for j in range(per_prompt)) for p in range(len(prompts))]
     batches = [[]]
     for p in sorted(range(len(prompts)), key=lambda p: longest[p]):
-        batch = batches[-1] + [p]
-        if batches[-1] and len(batch) * (max(len(prompts[i]) for i in batch) + per_prompt * longest[p]) > budget:
-            batch = [p]
-            batches.append(batch)
-        batches[-1] = batch
+        grown = batches[-1] + [p]
+        if batches[-1] and len(grown) * (max(len(prompts[i]) for i in grown) + per_prompt * longest[p]) > budget:
+            batches.append([p])   # a new micro-batch
+        else:
+            batches[-1] = grown
     return batches
 
 
 def step_record(shares):
     """A step's log line, from the shares of every process (one without torchrun)."""
-    asked = [q for s in shares for q in s["asked"]]
-    parts = [q.parts for q in asked]
-    conf = [c for p in parts for c, ok in zip(p["confidence"], p["parsed"]) if ok]
-    correct = [y for p in parts for y, ok in zip(p["correct"], p["parsed"]) if ok]
-    rewards_of = lambda labeled: [r for q in asked if q.labeled == labeled for r in q.rewards]
+    graded = [q for s in shares for q in s["graded"]]
+    gradings = [q.grading for q in graded]
+    conf = [c for p in gradings for c, ok in zip(p["confidence"], p["parsed"]) if ok]
+    correct = [y for p in gradings for y, ok in zip(p["correct"], p["parsed"]) if ok]
+    rewards_of = lambda labeled: [r for q in graded if q.labeled == labeled for r in q.rewards]
     mean = lambda v: float(np.mean(v)) if len(v) else None
     total = lambda key: sum(s[key] for s in shares)
     slowest = lambda key: max(s[key] for s in shares)   # the step waits for the slowest process
     # The force on the answers (reward.answer_push): negative pushes them towards wrong ones. Averaged over the
     # questions whose parsed rollouts are both right and wrong, labeled and unlabeled apart.
-    push = [reward.answer_push(q.rewards, q.parts) for q in asked]
-    pushed = lambda labeled: [x for x, q in zip(push, asked) if q.labeled == labeled and x is not None]
+    push = [reward.answer_push(q.rewards, q.grading) for q in graded]
+    pushed = lambda labeled: [x for x, q in zip(push, graded) if q.labeled == labeled and x is not None]
     return {
-        "reward": mean([r for q in asked for r in q.rewards]),
+        "reward": mean([r for q in graded for r in q.rewards]),
         "reward_brier": mean(rewards_of(True)), "reward_stability": mean(rewards_of(False)),
-        "accuracy": mean([y and ok for p in parts for y, ok in zip(p["correct"], p["parsed"])]),   # as eval.py
+        "accuracy": mean([y and ok for p in gradings for y, ok in zip(p["correct"], p["parsed"])]),   # as eval.py
         "confidence": mean(conf), "calibration_gap": (mean(conf) - mean(correct)) if conf else None,
-        "stability": mean([p["stability"] for p in parts]),
-        "stability_target": mean([q.parts["target"] for q in asked if not q.labeled]),
-        "parse_failure_rate": 1 - mean([ok for p in parts for ok in p["parsed"]]),
-        "abstention_rate": mean([a for p in parts for a in p["abstained"]]),
+        "stability": mean([p["stability"] for p in gradings]),
+        "stability_target": mean([q.grading["unlabeled_target"] for q in graded if not q.labeled]),
+        "parse_failure_rate": 1 - mean([ok for p in gradings for ok in p["parsed"]]),
+        "abstention_rate": mean([a for p in gradings for a in p["abstained"]]),
         "confidence_at_0_or_1": mean([c in (0.0, 1.0) for c in conf]) if conf else None,
-        "same_reward_share": mean([len(set(q.rewards)) == 1 for q in asked]),
+        "same_reward_share": mean([len(set(q.rewards)) == 1 for q in graded]),
         "answer_push_labeled": mean(pushed(True)), "answer_push_unlabeled": mean(pushed(False)),
         "paid_to_be_wrong": mean([x < 0 for x in pushed(True)]),
         # per question (its pool index, share of rollouts right, its push): for looking at pushes by kind of question
-        "questions": [[q.index, mean([y and ok for y, ok in zip(q.parts["correct"], q.parts["parsed"])]), x]
-                      for q, x in zip(asked, push)],
-        "labeled_share": mean([q.labeled for q in asked]), "tokens": total("tokens"), "loss": total("loss"),
+        "questions": [[q.index, mean([y and ok for y, ok in zip(q.grading["correct"], q.grading["parsed"])]), x]
+                      for q, x in zip(graded, push)],
+        "labeled_share": mean([q.labeled for q in graded]), "tokens": total("tokens"), "loss": total("loss"),
         "policy_mismatch": total("mismatch") / max(1, total("learned_tokens")),
         "rollout_s": slowest("rollout_s"), "learn_s": slowest("learn_s"),
         "tokens_per_s": total("tokens") / slowest("rollout_s"), "world_size": len(shares),
@@ -355,7 +357,7 @@ def step_record(shares):
 
 
 def build(args):
-    """The policy and its optimizer: the frozen model with a fresh LoRA (B = 0, A seeded by --seed), its
+    """The policy and its optimizer: the frozen model with a fresh LoRA (up = 0, down seeded by --seed), its
     tokenizer, and AdamW on the LoRA weights."""
     torch.manual_seed(args.seed)
     model = load_model(args.model, getattr(torch, args.dtype), args.device)
@@ -377,16 +379,17 @@ def train(args, rank=0, world=1):
         start, calibration = folder.restore(model, optimizer)   # step 0 and a fresh start, or the checkpoint's
         end = max(start, min(total_steps, args.max_steps or total_steps))
         folder.begin(start, total_steps, files)   # everything is checked: from here on the run folder exists
-        target = stability_target(args, calibration)   # refit() updates calibration in place
+        unlabeled_target = stability_target(args, calibration)   # refit() updates calibration in place
 
         with folder.interruptions():
             for step in folder.steps(start, end, total_steps):
-                epoch, batch = step_questions(args, len(pool), step, steps_per_epoch)
-                mine = batch[rank::world]   # this process's share of the step's questions
+                epoch, step_indices = step_questions(args, len(pool), step, steps_per_epoch)
+                local = step_indices[rank::world]   # this process's share of the step's questions
                 mix = mix_at(args, step, total_steps)
                 labeled = reward.labeled_draw(len(pool), mix, args.seed)   # which questions get the Brier reward
-                share = train_step(model, tok, optimizer, [pool[i] for i in mine], mine,
-                                   [bool(labeled[i]) for i in mine], args, step, len(batch), target)
+                share = train_step(model, tok, optimizer, [pool[i] for i in local], local,
+                                   [bool(labeled[i]) for i in local], args, step, len(step_indices),
+                                   unlabeled_target)
                 shares = gather(share)
                 if args.stability_target == "platt":
                     refit(calibration, shares)
@@ -438,7 +441,7 @@ def step_questions(args, n_pool, step, steps_per_epoch):
 
 
 def stability_target(args, calibration):
-    """The unlabeled questions' per-rollout targets, target(s, answers) for reward.group_rewards: None for s
+    """The unlabeled questions' per-rollout targets, unlabeled_target(s, answers) for reward.group_rewards: None for s
     itself (the paper's); --stability-target platt: P(correct | s), fitted so far; cluster: each rollout's
     answer's share of the N answers."""
     if args.stability_target == "platt":
@@ -451,9 +454,9 @@ def stability_target(args, calibration):
 def refit(calibration, shares):
     """Add every process's labeled rollouts (stability, correct) to the calibrated target's data, and refit it
     for the next steps."""
-    for q in (q for share in shares for q in share["asked"]):
+    for q in (q for share in shares for q in share["graded"]):
         if q.labeled:
-            calibration.add(q.parts["stability"], q.parts["correct"])
+            calibration.add(q.grading["stability"], q.grading["correct"])
     calibration.fit()
 
 
@@ -469,4 +472,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.entry(main)

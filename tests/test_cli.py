@@ -24,11 +24,11 @@ def test_bad_input_ends_in_one_line_and_ctrl_c_in_130(capsys):
     def bad():
         raise UserError("--x is wrong; do y")
     with pytest.raises(SystemExit) as e:
-        cli.run(bad)
+        cli.entry(bad)
     assert e.value.code == "error: --x is wrong; do y"   # printed by Python, exit status 1
 
     def interrupted():
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as e:
-        cli.run(interrupted)
+        cli.entry(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"

@@ -8,7 +8,7 @@ import torch
 
 import calib
 import data
-import eval as evaluate
+import eval as evaluation
 import lora
 from cli import UserError
 from model import load_model
@@ -18,7 +18,7 @@ def adapter(model_dir, path, seed=0):
     model = lora.add_lora(load_model(model_dir))
     g = torch.Generator().manual_seed(seed)
     for m in lora.lora_layers(model):
-        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.02
+        m.lora_up.weight.data = torch.randn(m.lora_up.weight.shape, generator=g) * 0.02
     lora.save_adapter(model, str(path), step=1, config={})
     return str(path)
 
@@ -27,9 +27,9 @@ def test_end_to_end_outputs_are_written_and_consistent(tmp_path, formatted, caps
     model_dir, questions = formatted
     ckpt = adapter(model_dir, tmp_path / "trained.safetensors")
     out = tmp_path / "eval"
-    evaluate.main(["--model", model_dir, "--dataset", questions, "--n", "12", "--rollouts", "3",
+    evaluation.main(["--model", model_dir, "--dataset", questions, "--n", "12", "--rollouts", "3",
                    "--max-new-tokens", "16", "--bootstrap", "50", "--out", str(out), "--batch", "5"])
-    evaluate.main([ckpt, str(tmp_path / "trained.safetensors"), "--dataset", questions, "--n", "12",
+    evaluation.main([ckpt, str(tmp_path / "trained.safetensors"), "--dataset", questions, "--n", "12",
                    "--max-new-tokens", "16", "--bootstrap", "50", "--out", str(out / "two")])
     table = capsys.readouterr().out
     assert "calibration_gap" in table and "trained" in table and "trained-1" in table
@@ -62,7 +62,7 @@ def test_group_by_reports_each_group_and_the_discrimination_within_groups(tmp_pa
     rows = [json.loads(line) for line in open(questions)]
     grouped.write_text("".join(json.dumps({**q, "kind": ["small", "large"][i % 2]}) + "\n" for i, q in enumerate(rows)))
     out = tmp_path / "eval"
-    evaluate.main(["--model", model_dir, "--dataset", str(grouped), "--n", "24", "--group-by", "kind", "--rollouts",
+    evaluation.main(["--model", model_dir, "--dataset", str(grouped), "--n", "24", "--group-by", "kind", "--rollouts",
                    "3", "--max-new-tokens", "16", "--bootstrap", "30", "--out", str(out)])
     base = json.load(open(out / "metrics.json"))["base"]
     records = [json.loads(line) for line in open(out / "responses-base.jsonl")]
@@ -79,17 +79,17 @@ def test_group_by_reports_each_group_and_the_discrimination_within_groups(tmp_pa
         np.mean([r["correct"] and r["confidence"] is not None for r in small]))
     assert "by group" in capsys.readouterr().out
     with pytest.raises(UserError, match="--group-by fame: the questions of .* have no field 'fame'"):
-        evaluate.main(["--model", model_dir, "--dataset", str(grouped), "--group-by", "fame", "--out", str(out)])
+        evaluation.main(["--model", model_dir, "--dataset", str(grouped), "--group-by", "fame", "--out", str(out)])
 
 
 def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tmp_path, formatted, capsys,
                                                                              monkeypatch):
     model_dir, questions = formatted
     seen = []
-    real = evaluate.probe_features
-    monkeypatch.setattr(evaluate, "probe_features", lambda *a: seen.append(a) or real(*a))
+    real = evaluation.probe_features
+    monkeypatch.setattr(evaluation, "probe_features", lambda *a: seen.append(a) or real(*a))
     out = tmp_path / "eval"
-    evaluate.main(["--model", model_dir, "--dataset", questions, "--n", "24", "--probe", "--max-new-tokens", "16",
+    evaluation.main(["--model", model_dir, "--dataset", questions, "--n", "24", "--probe", "--max-new-tokens", "16",
                    "--bootstrap", "20", "--out", str(out)])
     base = json.load(open(out / "metrics.json"))["base"]
     records = [json.loads(line) for line in open(out / "responses-base.jsonl")]
@@ -120,13 +120,13 @@ def test_nonsense_eval_flags_are_refused_before_anything_runs(tmp_path, formatte
     for flags, message in ((["--ask", "  "], "--ask needs a question: it was empty"),
                            (["--bootstrap", "1"], "--bootstrap must be 0 (no intervals) or at least 20")):
         with pytest.raises(SystemExit):
-            evaluate.parse_args(flags + ["--out", str(tmp_path / "e")])
+            evaluation.parse_args(flags + ["--out", str(tmp_path / "e")])
         assert message in capsys.readouterr().err
     listed = tmp_path / "q.jsonl"
     listed.write_text("".join(json.dumps({**json.loads(line), "tags": ["a", "b"]}) + "\n" for line in open(questions)))
     with pytest.raises(UserError, match="--group-by tags: its values are lists, not one group per question; group by "
                                         "one of: question"):
-        evaluate.main(["--model", model_dir, "--dataset", str(listed), "--group-by", "tags", "--out",
+        evaluation.main(["--model", model_dir, "--dataset", str(listed), "--group-by", "tags", "--out",
                        str(tmp_path / "e")])
 
 
@@ -135,7 +135,7 @@ def test_training_log_plot(tmp_path):
     log.parent.mkdir()
     log.write_text("".join(json.dumps({"step": s, "reward": 0.5, "calibration_gap": 0.3 - s / 10,
                                        "accuracy": 0.4}) + "\n" for s in range(5)))
-    evaluate.main(["--plot-log", str(log), "--out", str(tmp_path)])
+    evaluation.main(["--plot-log", str(log), "--out", str(tmp_path)])
     assert (tmp_path / "training.png").stat().st_size > 10_000
 
 
@@ -143,23 +143,23 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatt
     ckpt = adapter(tiny_tied, tmp_path / "a.safetensors")
     questions = formatted[1]
     with pytest.raises(UserError, match="was trained on .* not --model"):
-        evaluate.main([ckpt, "--model", tiny_untied, "--dataset", questions, "--out", str(tmp_path)])
+        evaluation.main([ckpt, "--model", tiny_untied, "--dataset", questions, "--out", str(tmp_path)])
     with pytest.raises(UserError, match="checkpoint not found"):
-        evaluate.main([str(tmp_path / "missing.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
+        evaluation.main([str(tmp_path / "missing.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="cannot read checkpoint"):
-        evaluate.main([str(tmp_path / "corrupt.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
+        evaluation.main([str(tmp_path / "corrupt.safetensors"), "--dataset", questions, "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        evaluate.parse_args(["--n", "0"])
+        evaluation.parse_args(["--n", "0"])
     assert "--n/--questions: must be at least 1, got 0" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is a file; it must be a folder"):
-        evaluate.parse_args(["--out", str(tmp_path / "file")])
+        evaluation.parse_args(["--out", str(tmp_path / "file")])
     with pytest.raises(UserError, match="--max-new-tokens 600 does not fit"):
-        evaluate.main(["--model", tiny_tied, "--dataset", questions, "--max-new-tokens", "600", "--out", str(tmp_path)])
+        evaluation.main(["--model", tiny_tied, "--dataset", questions, "--max-new-tokens", "600", "--out", str(tmp_path)])
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match="no evaluation questions"):
-        evaluate.main(["--model", tiny_tied, "--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path)])
+        evaluation.main(["--model", tiny_tied, "--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path)])
 
 
 def test_nonsense_flags_and_broken_adapters_are_refused_in_one_line(tmp_path, tiny_tied, formatted, capsys):
@@ -168,10 +168,10 @@ def test_nonsense_flags_and_broken_adapters_are_refused_in_one_line(tmp_path, ti
                            (["--rollouts", "1"], "--rollouts must be 0 (none) or at least 2"),
                            (["--device", "tpu"], "'tpu' is not a device")):
         with pytest.raises(SystemExit):
-            evaluate.parse_args(flags + ["--out", str(tmp_path / "e")])
+            evaluation.parse_args(flags + ["--out", str(tmp_path / "e")])
         assert message in capsys.readouterr().err
     with pytest.raises(UserError, match="--json .* is a folder; it must name a file"):
-        evaluate.parse_args(["--json", str(tmp_path), "--out", str(tmp_path / "e")])
+        evaluation.parse_args(["--json", str(tmp_path), "--out", str(tmp_path / "e")])
     # an adapter whose weights are not finite (a diverged run) is refused, not scored
     import shutil
     from safetensors import safe_open
@@ -183,14 +183,14 @@ def test_nonsense_flags_and_broken_adapters_are_refused_in_one_line(tmp_path, ti
     tensors[key][0] = float("nan")
     save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
     with pytest.raises(UserError, match=f"nan.safetensors holds non-finite weights \\(NaN or inf, in {key}\\)"):
-        evaluate.main([str(tmp_path / "nan.safetensors"), "--dataset", formatted[1], "--out", str(tmp_path / "e")])
+        evaluation.main([str(tmp_path / "nan.safetensors"), "--dataset", formatted[1], "--out", str(tmp_path / "e")])
     # an adapter whose base model folder is gone says so, not something about TriviaQA
     shutil.copytree(tiny_tied, tmp_path / "base")
     moved = adapter(str(tmp_path / "base"), tmp_path / "moved.safetensors")
     shutil.rmtree(tmp_path / "base")
     with pytest.raises(UserError, match=r"trained on the model in .*base, which is no longer there; put the model "
                                         "back in that folder"):
-        evaluate.main([moved, "--out", str(tmp_path / "e")])
+        evaluation.main([moved, "--out", str(tmp_path / "e")])
 
 
 def test_a_log_torn_by_a_crash_still_plots(tmp_path):
@@ -199,7 +199,7 @@ def test_a_log_torn_by_a_crash_still_plots(tmp_path):
     log.write_text(json.dumps({"step": 0, "reward": 0.5, "calibration_gap": 0.3, "accuracy": 0.4}) + "\n"
                    + '{"step": 1, "rew')
     assert len(data.read_records(str(log))) == 1
-    evaluate.main(["--plot-log", str(log), "--out", str(tmp_path)])
+    evaluation.main(["--plot-log", str(log), "--out", str(tmp_path)])
     log.write_text('{"step": 1, "rew\n' + json.dumps({"step": 0}) + "\n")
     with pytest.raises(UserError, match="metrics.jsonl, line 1 is not JSON"):
         data.read_records(str(log))
@@ -213,28 +213,28 @@ def test_stability_over_several_phrasings_beside_the_one_phrasing_figures(tmp_pa
             f.write(json.dumps({"question": f"What is {i} plus {i}?", "answers": [str(2 * i)], "kind": i % 2,
                                 "paraphrases": [f"{i} plus {i} is what?"]}) + "\n")
     out = tmp_path / "e"
-    evaluate.main(["--model", model, "--dataset", str(questions), "--rollouts", "4", "--paraphrases", "2",
+    evaluation.main(["--model", model, "--dataset", str(questions), "--rollouts", "4", "--paraphrases", "2",
                    "--group-by", "kind", "--max-new-tokens", "12", "--bootstrap", "20", "--out", str(out)])
     result = json.load(open(out / "metrics.json"))["base"]
     records = data.read_records(str(out / "responses-base.jsonl"))
-    spread = [r["stability_paraphrased"] for r in records]
-    assert result["mean_stability_paraphrased"] == pytest.approx(np.mean(spread))
-    assert result["auroc_stability_paraphrased"] == pytest.approx(calib.auroc(spread, [r["correct"] for r in records]),
+    over_phrasings = [r["stability_paraphrased"] for r in records]
+    assert result["mean_stability_paraphrased"] == pytest.approx(np.mean(over_phrasings))
+    assert result["auroc_stability_paraphrased"] == pytest.approx(calib.auroc(over_phrasings, [r["correct"] for r in records]),
                                                                   nan_ok=True)
-    assert "mean_stability" in result and spread != [r["stability"] for r in records]   # other samples
+    assert "mean_stability" in result and over_phrasings != [r["stability"] for r in records]   # other samples
     assert "auroc_stability_paraphrased" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        evaluate.parse_args(["--paraphrases", "2", "--out", str(out)])
+        evaluation.parse_args(["--paraphrases", "2", "--out", str(out)])
     assert "give --rollouts a multiple of it" in capsys.readouterr().err
     with pytest.raises(UserError, match="have no list of 1 `paraphrases`"):
-        evaluate.main(["--model", model, "--dataset", formatted[1], "--rollouts", "4", "--paraphrases", "2",
+        evaluation.main(["--model", model, "--dataset", formatted[1], "--rollouts", "4", "--paraphrases", "2",
                        "--out", str(out)])
 
 
 def test_one_question_under_the_microscope(tmp_path, tiny_tied, formatted, capsys):
     model, _ = formatted
     ckpt = adapter(model, tmp_path / "a.safetensors")
-    evaluate.main([ckpt, "--ask", "What is 3 plus 3?", "--answers", "6", "--rollouts", "6", "--max-new-tokens",
+    evaluation.main([ckpt, "--ask", "What is 3 plus 3?", "--answers", "6", "--rollouts", "6", "--max-new-tokens",
                    "12", "--out", str(tmp_path / "e")])
     shown = json.load(open(tmp_path / "e" / "ask.json"))
     assert shown["question"] == "What is 3 plus 3?" and list(shown)[2:] == ["base", "a"]   # before and after
@@ -259,5 +259,5 @@ def test_one_question_under_the_microscope(tmp_path, tiny_tied, formatted, capsy
     assert "answer push" in out
     assert "base: greedy answer" in out and "a: greedy answer" in out and "R Brier" in out
     with pytest.raises(SystemExit):
-        evaluate.parse_args(["--answers", "6", "--out", str(tmp_path / "e")])
+        evaluation.parse_args(["--answers", "6", "--out", str(tmp_path / "e")])
     assert "--answers scores the question of --ask" in capsys.readouterr().err

@@ -4,27 +4,37 @@ finished work and an interrupted training run is resumed."""
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
 import numpy as np
 import pytest
 
+import data
+import eval as evaluation
 import experiments
+import grids
+import report
 import train
 
 TINY_RUN = ("--data", "8", "--epochs", "1", "--batch", "4", "--rollouts", "2", "--lr", "5e-3")
 
 
+def define_grid(monkeypatch):
+    """A grid "two": the untrained model, and a condition T that trains in seconds."""
+    monkeypatch.setitem(grids.CONDITIONS, "T", grids.Condition(train=TINY_RUN))
+    monkeypatch.setitem(grids.GRIDS, "two", [
+        grids.Table("Sanity: untrained", ("r_stability_correct", "r_confidence_correct"),
+                    (("untrained", "the untrained model", {"r_stability_correct": 0.48}),)),
+        grids.Table("Trained: T", ("accuracy", "calibration_gap", "gap_reduction"),
+                    (("untrained", "untrained", {}), ("T", "run T", {"accuracy": 0.436}))),
+    ])
+
+
 @pytest.fixture
 def grid(monkeypatch):
-    monkeypatch.setitem(experiments.CONDITIONS, "T", experiments.Condition(train=TINY_RUN))
-    monkeypatch.setitem(experiments.GRIDS, "two", [
-        experiments.Table("Sanity: untrained", ("r_stability_correct", "r_confidence_correct"),
-                          (("untrained", "the untrained model", {"r_stability_correct": 0.48}),)),
-        experiments.Table("Trained: T", ("accuracy", "calibration_gap", "gap_reduction"),
-                          (("untrained", "untrained", {}), ("T", "run T", {"accuracy": 0.436}))),
-    ])
+    define_grid(monkeypatch)
 
 
 def argv(tmp_path, model, questions, *extra):
@@ -32,13 +42,34 @@ def argv(tmp_path, model, questions, *extra):
             "--train-args=--max-new-tokens 10", "--eval-args=--max-new-tokens 10 --bootstrap 20", *extra]
 
 
-def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatted, grid, monkeypatch):
+@pytest.fixture(scope="module")
+def two_seeds(formatted, tmp_path_factory):
+    """The grid "two" run once with 2 seeds, its runs trained and evaluated, for the tests that build on them (a
+    copy each, copy_runs). T's seed 1 was interrupted after its first step before the grid ran: the grid
+    continues it."""
     model, questions = formatted
+    tmp_path = tmp_path_factory.mktemp("two-seeds")
     out = tmp_path / "grid"
-    # an interrupted training run of condition T, seed 1: the grid must continue it, not start over
-    train.main(["--model", model, "--dataset", questions, *TINY_RUN, "--seed", "1", "--out", str(out / "T-seed1"),
-                "--ckpt", str(out / "T-seed1" / "final.safetensors"), "--max-new-tokens", "10", "--max-steps", "1"])
-    experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        define_grid(monkeypatch)
+        train.main(["--model", model, "--dataset", questions, *TINY_RUN, "--seed", "1", "--out",
+                    str(out / "T-seed1"), "--ckpt", str(out / "T-seed1" / "final.safetensors"), "--max-new-tokens",
+                    "10", "--max-steps", "1"])
+        experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
+    return out
+
+
+def copy_runs(source, folder):
+    """A copy of a grid's runs in `folder`, its recorded commands (commands.json) naming their new place."""
+    shutil.copytree(source, folder)
+    for path in folder.glob("*/commands.json"):
+        path.write_text(path.read_text().replace(str(source), str(folder)))
+    return folder
+
+
+def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatted, grid, two_seeds, monkeypatch):
+    model, questions = formatted
+    out = copy_runs(two_seeds, tmp_path / "grid")
 
     for seed in (0, 1):
         log = [json.loads(line) for line in open(out / f"T-seed{seed}" / "metrics.jsonl")]
@@ -47,17 +78,17 @@ def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatt
         assert (out / f"T-seed{seed}" / "eval" / "metrics.json").exists()
     assert not (out / "untrained-seed1").exists()   # the untrained model is evaluated once
 
-    report = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
     for text in ("## Sanity: untrained", "## Trained: T", "| the untrained model | 0.48 |", "| run T | 43.6% |",
                  "r(stability, correct): paper", "gap reduction from untrained: ours", "over 2 seeds",
                  "experiments.py two --model"):
-        assert text in report, text
+        assert text in markdown, text
     for png in ("training-trained.png", "reliability-trained.png", "reliability-sanity.png"):
-        assert (out / png).stat().st_size > 1000 and f"]({png})" in report
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in markdown
     t = [json.load(open(out / f"T-seed{s}" / "eval" / "metrics.json"))["final"] for s in (0, 1)]
     accuracy = [r["accuracy"] for r in t]
     mean, sd = sum(accuracy) / 2, abs(accuracy[0] - accuracy[1]) / 2 ** 0.5
-    assert f"| run T | 43.6% | {100 * mean:.1f}% ± {100 * sd:.1f}% |" in report
+    assert f"| run T | 43.6% | {100 * mean:.1f}% ± {100 * sd:.1f}% |" in markdown
 
     # a rerun trains and evaluates nothing, and writes the same report
     def refuse(*args, **kwargs):
@@ -65,42 +96,42 @@ def test_grid_runs_reports_every_table_and_skips_finished_work(tmp_path, formatt
     monkeypatch.setattr(experiments, "launch", refuse)
     os.remove(out / "report.md")
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
-    assert (out / "report.md").read_text() == report
+    assert (out / "report.md").read_text() == markdown.replace(str(two_seeds), str(out))   # its command names --out
 
 
 def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_trained_once(tmp_path, formatted, grid,
-                                                                                        monkeypatch):
+                                                                                        two_seeds, monkeypatch):
     model, questions = formatted
-    monkeypatch.setitem(experiments.CLAIMS, "two", [
-        experiments.Claim("T is more accurate than the untrained model", "accuracy", "T", "untrained"),
-        experiments.Claim("stability beats stated confidence", "r_stability_correct", "untrained", "untrained",
+    monkeypatch.setitem(grids.CLAIMS, "two", [
+        grids.Claim("T is more accurate than the untrained model", "accuracy", "T", "untrained"),
+        grids.Claim("stability beats stated confidence", "r_stability_correct", "untrained", "untrained",
                           "r_confidence_correct"),
-        experiments.Claim("T's gap is smaller", "calibration_gap", "untrained", "T", absolute=True),
-        experiments.Claim("T oscillates", "oscillation", "T", "untrained"),
+        grids.Claim("T's gap is smaller", "calibration_gap", "untrained", "T", absolute=True),
+        grids.Claim("T oscillates", "oscillation", "T", "untrained"),
     ])
-    runs = tmp_path / "shared"
+    runs = copy_runs(two_seeds, tmp_path / "shared")
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs)))
-    report = (tmp_path / "grid" / "report.md").read_text()
-    assert "## The paper's claims, tested" in report and (runs / "T-seed1" / "final.safetensors").exists()
-    row = next(line for line in report.splitlines() if line.startswith("| T is more accurate"))
+    markdown = (tmp_path / "grid" / "report.md").read_text()
+    assert "## The paper's claims, tested" in markdown and (runs / "T-seed1" / "final.safetensors").exists()
+    row = next(line for line in markdown.splitlines() if line.startswith("| T is more accurate"))
     t = [json.load(open(runs / f"T-seed{s}" / "eval" / "metrics.json"))["final"]["accuracy"] for s in (0, 1)]
     base = json.load(open(runs / "untrained-seed0" / "eval" / "metrics.json"))["base"]["accuracy"]
     assert f"| {sum(t) / 2 - base:+.3f} |" in row
     assert any(v in row for v in ("| holds |", "| not shown |", "| reversed |"))
     untrained = json.load(open(runs / "untrained-seed0" / "eval" / "metrics.json"))["base"]
     difference = untrained["r_stability_correct"] - untrained["r_confidence_correct"]
-    row = next(line for line in report.splitlines() if line.startswith("| stability beats"))
+    row = next(line for line in markdown.splitlines() if line.startswith("| stability beats"))
     assert (f"| {difference:+.3f} |" in row) or "not testable" in row
     gaps = [json.load(open(runs / f"T-seed{s}" / "eval" / "metrics.json"))["final"]["calibration_gap"] for s in (0, 1)]
-    row = next(line for line in report.splitlines() if line.startswith("| T's gap"))
+    row = next(line for line in markdown.splitlines() if line.startswith("| T's gap"))
     assert f"| {abs(untrained['calibration_gap']) - abs(sum(gaps) / 2):+.3f} |" in row, row
-    row = next(line for line in report.splitlines() if line.startswith("| T oscillates"))
+    row = next(line for line in markdown.splitlines() if line.startswith("| T oscillates"))
     assert "needs --seeds 3" in row and "not testable here" in row   # an interval over 2 seeds is no interval
     # a second grid on the same runs trains nothing; a claim `within` a group takes only that group's questions
     rows = [json.loads(line) for line in open(runs / "untrained-seed0" / "eval" / "responses-base.jsonl")]
     value = max((True, False), key=lambda v: sum(r["correct"] == v for r in rows))
-    group = experiments.evaluate.figures([r for r in rows if r["correct"] == value])
-    monkeypatch.setitem(experiments.CLAIMS, "two", [experiments.Claim(
+    group = evaluation.figures([r for r in rows if r["correct"] == value])
+    monkeypatch.setitem(grids.CLAIMS, "two", [grids.Claim(
         "within", "accuracy", "untrained", "untrained", "mean_confidence", within=("correct", value))])
     monkeypatch.setattr(experiments, "launch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--out",
@@ -109,7 +140,7 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
                if line.startswith("| within |"))
     assert f"| {group['accuracy'] - group['mean_confidence']:+.3f} |" in row, row
     assert f"(questions with correct = {value})" in row
-    monkeypatch.setitem(experiments.CLAIMS, "two", [experiments.Claim(
+    monkeypatch.setitem(grids.CLAIMS, "two", [grids.Claim(
         "within", "accuracy", "untrained", "untrained", "mean_confidence", within=("correct", "maybe"))])
     with pytest.raises(experiments.UserError, match="no evaluation question has it"):
         experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--out",
@@ -119,11 +150,12 @@ def test_claims_are_paired_differences_with_intervals_and_shared_runs_are_traine
         experiments.main(argv(tmp_path, model, questions, "--seeds", "2", "--runs", str(runs), "--n", "5"))
 
 
-def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, formatted, grid, capsys):
+def test_one_seed_shows_bootstrap_intervals_and_bad_seeds_are_refused(tmp_path, formatted, grid, two_seeds, capsys):
     model, questions = formatted
+    copy_runs(two_seeds, tmp_path / "grid")
     experiments.main(argv(tmp_path, model, questions))
-    report = (tmp_path / "grid" / "report.md").read_text()
-    assert "95% bootstrap intervals" in report and " [" in report.split("| run T |")[1].split("\n")[0]
+    markdown = (tmp_path / "grid" / "report.md").read_text()
+    assert "95% bootstrap intervals" in markdown and " [" in markdown.split("| run T |")[1].split("\n")[0]
     with pytest.raises(SystemExit):
         experiments.parse_args(["paper", "--seeds", "0"])
     assert "--seeds: must be at least 1, got 0" in capsys.readouterr().err
@@ -192,66 +224,52 @@ def test_bad_flags_of_any_run_are_refused_before_the_first_trains(tmp_path, form
     assert not launched and sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
-def test_per_group_columns_come_from_the_evaluations_group_table():
-    import argparse
-    result = {"accuracy": 0.5, "ci": {},
-              "groups": {"famous": {"mean_stability": 0.9}, "unwritten": {"mean_stability": 0.4}}}
-    assert experiments.figure_of(result, "famous/mean_stability") == 0.9
-    assert np.isnan(experiments.figure_of(result, "rare/mean_stability"))
-    table = experiments.Table("t", ("accuracy", "famous/mean_stability", "unwritten/mean_stability",
-                                    "rare/mean_stability"), (("untrained", "untrained", {}),))
-    lines = experiments.table_markdown(table, argparse.Namespace(seeds=1), {("untrained", 0): result})
-    assert lines[0] == "| condition | accuracy: ours | stability, famous: ours | stability, unwritten: ours |"
-    assert lines[2] == "| untrained | 50.0% | 0.90 | 0.40 |"
-    # every grid's conditions exist, and the paraphrase grid evaluates all of them the same way
-    assert all(name in experiments.CONDITIONS for tables in experiments.GRIDS.values() for t in tables
-               for name, _, _ in t.rows)
-    rows = {name for t in experiments.GRIDS["paraphrase"] for name, _, _ in t.rows}
-    assert {experiments.CONDITIONS[name].eval for name in rows} == {experiments.ASKED}
-
-
-def test_a_grid_on_training_questions_evaluates_each_run_on_its_own_pool(tmp_path, formatted, grid, monkeypatch):
+def test_a_grid_on_training_questions_evaluates_each_run_on_its_own_pool(tmp_path, formatted, grid, two_seeds,
+                                                                          monkeypatch):
     """The stress grid's machinery: every trained run also answers the questions it trained on (train.py's pool
     for its seed), the untrained model each seed's; a claim on them pairs the runs of a seed; the log's
     per-question pushes map back to the pool."""
     model, questions = formatted
     monkeypatch.setattr(experiments, "ON_TRAINING_QUESTIONS", {"two"})
-    monkeypatch.setitem(experiments.CLAIMS, "two", [
-        experiments.Claim("T beats untrained on its questions", "accuracy", "T", "T", "mean_confidence",
+    monkeypatch.setitem(grids.CLAIMS, "two", [
+        grids.Claim("T beats untrained on its questions", "accuracy", "T", "T", "mean_confidence",
                           questions="eval-train")])
+    copy_runs(two_seeds, tmp_path / "grid")   # trained and evaluated held out: what is added is the pools' evaluations
     experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
     out = tmp_path / "grid"
     args = experiments.parse_args(argv(tmp_path, model, questions, "--seeds", "2"))
     for seed in (0, 1):
         pool = train.training_pool(train.parse_args(experiments.commands("T", seed, args)[0]))
         for folder in (out / f"T-seed{seed}" / "eval-train", out / "untrained-seed0" / f"eval-train-seed{seed}"):
-            asked = [r["question"] for r in experiments.data.read_records(next(folder.glob("responses-*.jsonl")))]
+            asked = [r["question"] for r in data.read_records(next(folder.glob("responses-*.jsonl")))]
             assert sorted(asked) == sorted(q["question"] for q in pool)
-        assert [r["question"] for r in experiments.training_responses(args, "untrained", seed)] == \
-            [r["question"] for r in experiments.training_responses(args, "T", seed)]   # the same order: paired
-        entries = experiments.pushes(args, "T", seed)
+        assert [r["question"] for r in report.training_responses(args, "untrained", seed)] == \
+            [r["question"] for r in report.training_responses(args, "T", seed)]   # the same order: paired
+        entries = report.pushes(args, "T", seed)
         assert len(entries) == 8 and {e[0] for e in entries} == {0}   # 2 steps of 4 questions, epoch 0
-        log = experiments.data.read_records(out / f"T-seed{seed}" / "metrics.jsonl")
+        log = data.read_records(out / f"T-seed{seed}" / "metrics.jsonl")
         assert [e[3] for e in entries] == [x for r in log for _, _, x in r["questions"]]
     assert set(json.load(open(out / "T-seed0" / "commands.json"))) == {"train.py", "eval.py", "eval.py eval-train"}
     # the claim: mean over seeds of (accuracy - mean confidence) on each seed's own questions
-    figures = [experiments.evaluate.figures(experiments.training_responses(args, "T", s)) for s in (0, 1)]
+    figures = [evaluation.figures(report.training_responses(args, "T", s)) for s in (0, 1)]
     row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| T beats"))
     assert f"| {np.mean([f['accuracy'] - f['mean_confidence'] for f in figures]):+.3f} |" in row, row
 
 
-def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, formatted, grid, monkeypatch):
+def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, formatted, grid, two_seeds,
+                                                                       monkeypatch):
     """The paper grid's probe column: each run is evaluated once more with --probe (the same greedy answers), and
     the report's probe figures are that evaluation's, beside the first evaluation's own."""
     model, questions = formatted
     monkeypatch.setattr(experiments, "PROBED", {"two"})
-    experiments.GRIDS["two"].append(experiments.Table(
+    grids.GRIDS["two"].append(grids.Table(
         "Probe", ("auroc", "auroc_probe_prompt", "auroc_probe_answer"),
         (("untrained", "untrained", {}), ("T", "run T", {})), plots=False))
+    copy_runs(two_seeds, tmp_path / "grid")   # trained and evaluated: what is added is the probe's evaluation
     experiments.main(argv(tmp_path, model, questions))
     out = tmp_path / "grid"
-    report = (out / "report.md").read_text()
-    assert "reliability-probe.png" not in report and not (out / "reliability-probe.png").exists()
+    markdown = (out / "report.md").read_text()
+    assert "reliability-probe.png" not in markdown and not (out / "reliability-probe.png").exists()
     for name in ("untrained", "T"):
         first = json.load(open(out / f"{name}-seed0" / "eval" / "metrics.json"))
         probed = json.load(open(out / f"{name}-seed0" / "eval-probe" / "metrics.json"))
@@ -259,10 +277,10 @@ def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, 
         assert probed["accuracy"] == first["accuracy"] and "auroc_probe_prompt" not in first
         assert "--probe" in json.load(open(out / f"{name}-seed0" / "commands.json"))["eval.py eval-probe"]
         label = "untrained" if name == "untrained" else "run T"
-        row = next(line for line in report.splitlines()
+        row = next(line for line in markdown.splitlines()
                    if line.startswith(f"| {label} |") and line.count("|") == 5)   # the probe table's row
         for key in ("auroc_probe_prompt", "auroc_probe_answer"):
-            assert experiments.fmt(probed[key], key) in row, (key, row)
+            assert report.format_figure(probed[key], key) in row, (key, row)
     # a probe evaluation of other answers is not mixed into the run's figures
     path = out / "T-seed0" / "eval-probe" / "metrics.json"
     tampered = json.load(open(path))
@@ -270,11 +288,3 @@ def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, 
     path.write_text(json.dumps(tampered))
     with pytest.raises(experiments.UserError, match="eval-probe holds other answers than the run's evaluation"):
         experiments.main(argv(tmp_path, model, questions))
-
-
-def test_changed_share_counts_answers_that_are_not_the_same_answer():
-    before = [{"question": q, "answer": a} for q, a in (("a?", "Paris"), ("b?", "Lyon"), ("c?", None), ("d?", "x"))]
-    after = [{"question": q, "answer": a} for q, a in (("a?", "paris."), ("b?", "Nice"), ("c?", None), ("d?", "y"))]
-    assert experiments.changed_share(after, before) == 0.5
-    with pytest.raises(experiments.UserError, match="different questions"):
-        experiments.changed_share(after[::-1], before)

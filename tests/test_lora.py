@@ -18,7 +18,7 @@ def with_random_adapter(path, seed=0, **kw):
     model = lora.add_lora(load_model(path), **kw)
     g = torch.Generator().manual_seed(seed)
     for m in lora.lora_layers(model):   # B starts at 0; give it values so the adapter does something
-        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.05
+        m.lora_up.weight.data = torch.randn(m.lora_up.weight.shape, generator=g) * 0.05
     return model
 
 
@@ -50,8 +50,8 @@ def test_merge_only_where_exact_bf16_keeps_the_low_rank_path(tiny_untied):
     model = with_random_adapter(tiny_untied)
     model.to(torch.bfloat16)
     for m in lora.lora_layers(model):
-        m.lora_A.float(), m.lora_B.float()
-        m.lora_B.weight.data *= 0.02   # |s B A| ~ 1e-3 next to |W| ~ 0.2: below bf16's step there
+        m.lora_down.float(), m.lora_up.float()
+        m.lora_up.weight.data *= 0.02   # |s up down| ~ 1e-3 next to |W| ~ 0.2: below bf16's step there
     with torch.no_grad():
         trained = model(IDS)
         lora.merge(model)
@@ -100,11 +100,11 @@ def test_adapter_errors(tmp_path, tiny_tied, tiny_untied):
 
 def test_peft_folder_loads_in_peft_and_in_eval(tmp_path, tiny_tied):
     from peft import PeftModel
-    import eval as evaluate
+    import eval as evaluation
     model = lora.add_lora(load_model(tiny_tied), rank=2, alpha=4.0, targets=["q_proj", "v_proj", "down_proj"])
     g = torch.Generator().manual_seed(0)
     for m in lora.lora_layers(model):
-        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.05
+        m.lora_up.weight.data = torch.randn(m.lora_up.weight.shape, generator=g) * 0.05
     path = str(tmp_path / "ckpt.safetensors")
     lora.save_adapter(model, path, step=3, config={})
     lora.main([path])   # the command: beside it, ckpt-peft/
@@ -116,7 +116,7 @@ def test_peft_folder_loads_in_peft_and_in_eval(tmp_path, tiny_tied):
     assert torch.allclose(ours, theirs, atol=1e-5)
     again = lora.load_adapter(load_model(tiny_tied), str(folder))   # what eval.py does with a folder
     assert again["step"] == "3"
-    evaluate.main([str(folder), "--n", "2", "--max-new-tokens", "4", "--bootstrap", "0", "--dataset",
+    evaluation.main([str(folder), "--n", "2", "--max-new-tokens", "4", "--bootstrap", "0", "--dataset",
                    write_questions(tmp_path / "q.jsonl", 2), "--out", str(tmp_path / "e")])
     assert "ckpt-peft" in json.load(open(tmp_path / "e" / "metrics.json"))
 

@@ -35,17 +35,17 @@ RESPONSES = ["Answer: Paris\nConfidence: 90%", "Answer: paris.\nConfidence: 60%"
 
 
 def test_labeled_group_gets_brier_and_failures_get_zero():
-    rewards, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=True)
+    rewards, grading = reward.group_rewards(RESPONSES, ["Paris"], labeled=True)
     assert rewards == pytest.approx([1 - 0.01, 1 - 0.16, 1.0, 0.0, 1.0, 1 - 0.04, 1 - 0.25, 0.0])
-    assert parts["correct"] == [True, True, False, False, True, True, False, True]
-    assert parts["parsed"] == [True, True, True, False, True, True, True, False]
+    assert grading["correct"] == [True, True, False, False, True, True, False, True]
+    assert grading["parsed"] == [True, True, True, False, True, True, True, False]
     # clusters: paris x5 (the last has no confidence but an answer), lyon, nice, one missing answer
-    assert parts["stability"] == pytest.approx(reward.calib.stability(["Paris"] * 5 + ["Lyon", "Nice", None]))
+    assert grading["stability"] == pytest.approx(reward.calib.stability(["Paris"] * 5 + ["Lyon", "Nice", None]))
 
 
 def test_unlabeled_group_gets_stability_reward():
-    rewards, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=False)
-    s = parts["stability"]
+    rewards, grading = reward.group_rewards(RESPONSES, ["Paris"], labeled=False)
+    s = grading["stability"]
     assert rewards[0] == pytest.approx(1 - (s - 0.9) ** 2)
     assert rewards[2] == pytest.approx(1 - s ** 2)
     assert rewards[3] == 0.0 and rewards[7] == 0.0
@@ -53,8 +53,8 @@ def test_unlabeled_group_gets_stability_reward():
 
 def test_correct_weight_adds_a_correctness_bonus_on_labeled_questions_only():
     plain, _ = reward.group_rewards(RESPONSES, ["Paris"], labeled=True)
-    bonus, parts = reward.group_rewards(RESPONSES, ["Paris"], labeled=True, correct_weight=1.0)
-    for p, b, right, ok in zip(plain, bonus, parts["correct"], parts["parsed"]):
+    bonus, grading = reward.group_rewards(RESPONSES, ["Paris"], labeled=True, correct_weight=1.0)
+    for p, b, right, ok in zip(plain, bonus, grading["correct"], grading["parsed"]):
         assert b == pytest.approx(p + (1.0 if right and ok else 0.0))
     unlabeled = reward.group_rewards(RESPONSES, ["Paris"], False, 1.0)[0]
     assert unlabeled == reward.group_rewards(RESPONSES, ["Paris"], False)[0]
@@ -79,10 +79,11 @@ def test_platt_calibration_recovers_p_correct_given_stability():
 
 def test_an_unlabeled_question_is_rewarded_against_the_mapped_target():
     responses = ["Answer: Paris\nConfidence: 60%"] * 8
-    raw, parts = reward.group_rewards(responses, ["Paris"], labeled=False)
-    mapped, parts = reward.group_rewards(responses, ["Paris"], labeled=False, target=lambda s, answers: [0.6] * 8)
+    raw, grading = reward.group_rewards(responses, ["Paris"], labeled=False)
+    mapped, grading = reward.group_rewards(responses, ["Paris"], labeled=False,
+                                           unlabeled_target=lambda s, answers: [0.6] * 8)
     assert raw == pytest.approx([1 - (1 - 0.6) ** 2] * 8) and mapped == pytest.approx([1.0] * 8)
-    assert parts["stability"] == pytest.approx(1.0) and parts["target"] == 0.6
+    assert grading["stability"] == pytest.approx(1.0) and grading["unlabeled_target"] == 0.6
 
 
 def test_cluster_shares_target_each_rollout_with_its_own_answers_frequency():
@@ -90,7 +91,7 @@ def test_cluster_shares_target_each_rollout_with_its_own_answers_frequency():
     assert calib.cluster_shares(answers) == [3 / 8, 3 / 8, 2 / 8, 1 / 8, 1 / 8, 3 / 8, 1 / 8, 2 / 8]
     responses = [f"Answer: {a}\nConfidence: 50%" for a in ["Paris"] * 6 + ["Lyon"] * 2]
     rewards, _ = reward.group_rewards(responses, ["Paris"], labeled=False,
-                                      target=lambda s, answers: calib.cluster_shares(answers))
+                                      unlabeled_target=lambda s, answers: calib.cluster_shares(answers))
     assert rewards == pytest.approx([1 - (0.75 - 0.5) ** 2] * 6 + [1 - (0.25 - 0.5) ** 2] * 2)
 
 
@@ -98,14 +99,14 @@ def test_answer_push_is_the_advantage_of_right_over_wrong_answers():
     at = lambda answers, c: [f"Answer: {a}\nConfidence: {c:.0%}" for a in answers]
     four = ["Paris", "Lyon", "Paris", "Nice"]
     for c in (0.3, 0.9):   # the same confidence everywhere: Brier pays wrong over right by 1 - 2c
-        rewards, parts = reward.group_rewards(at(four, c), ["Paris"], labeled=True)
-        assert reward.answer_push(rewards, parts) == pytest.approx(2 * c - 1)
-        rewards, parts = reward.group_rewards(at(four, c), ["Paris"], labeled=False)
-        assert reward.answer_push(rewards, parts) == pytest.approx(0)   # stability does not see correctness
+        rewards, grading = reward.group_rewards(at(four, c), ["Paris"], labeled=True)
+        assert reward.answer_push(rewards, grading) == pytest.approx(2 * c - 1)
+        rewards, grading = reward.group_rewards(at(four, c), ["Paris"], labeled=False)
+        assert reward.answer_push(rewards, grading) == pytest.approx(0)   # stability does not see correctness
         control = reward.group_rewards(at(four, c), ["Paris"], labeled=True, correct_weight=-1)
         assert reward.answer_push(*control) == pytest.approx(2 * c - 2)   # the positive control: always negative
     # unparsed rollouts are left out; all right (or all wrong) prefers no answer
-    rewards, parts = reward.group_rewards(["Answer: Lyon"] + at(["Paris", "Nice"], 0.3), ["Paris"], True)
-    assert reward.answer_push(rewards, parts) == pytest.approx(-0.4)
+    rewards, grading = reward.group_rewards(["Answer: Lyon"] + at(["Paris", "Nice"], 0.3), ["Paris"], True)
+    assert reward.answer_push(rewards, grading) == pytest.approx(-0.4)
     assert reward.answer_push(*reward.group_rewards(at(["Paris"] * 3, 0.3), ["Paris"], True)) is None
     assert reward.answer_push(*reward.group_rewards(at(["Lyon", "Nice"], 0.3), ["Paris"], True)) is None

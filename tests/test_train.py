@@ -99,7 +99,7 @@ def test_shared_prefix_gradients_equal_per_sequence_gradients(tiny_untied):
     rollout), at any temperature."""
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
-        m.lora_B.weight.data.normal_(0, 0.05)
+        m.lora_up.weight.data.normal_(0, 0.05)
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
     for temperature in (1.0, 1.5):
         logp, _ = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2, temperature)
@@ -114,7 +114,7 @@ def test_copies_of_an_answer_run_once_and_share_its_gradient(tiny_untied, monkey
     """Identical answers to one question are one row of the pass; the same answer to another question is not."""
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
-        m.lora_B.weight.data.normal_(0, 0.05)
+        m.lora_up.weight.data.normal_(0, 0.05)
     completions = [[11, 12, 2], [13, 2], [11, 12, 2], [13, 2], [14, 15, 2], [13, 2]]   # n = 3 per prompt
     batch_rows, hidden_states = [], model.hidden_states
     with monkeypatch.context() as patch:
@@ -147,7 +147,7 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
         torch.manual_seed(0)
         model = lora.add_lora(load_model(tiny_untied))
         for m in lora.lora_layers(model):
-            m.lora_B.weight.data.normal_(0, 0.05)
+            m.lora_up.weight.data.normal_(0, 0.05)
         out = completions_of(model, prompts, completions, 2)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         train.learn(model, optimizer, prompts, out, [0.3, -0.3, 1.0, -1.0, 0.0, 0.0, 0.2, -0.2],
@@ -160,8 +160,8 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
 def sampler_learner_mismatch(model, tok, questions, temperature=1.0):
     """policy_mismatch of one step's rollouts: mean |log p_learner - log p_sampler| over the sampled tokens."""
     args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0, paraphrases=1)
-    prompts, answers = train.rollouts(model, tok, questions, range(len(questions)), args, step=0)
-    out = [c for mine in answers for c in mine]
+    prompts, answers = train.sample_answers(model, tok, questions, range(len(questions)), args, step=0)
+    out = [c for completions in answers for c in completions]
     with torch.no_grad():
         logp, mask = train.completion_logprobs(model, prompts, [c.ids for c in out], 4, temperature)
     sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor([x for c in out for x in c.logprobs]))
@@ -172,15 +172,15 @@ def tiny_with_adapter(dtype, scale):
     torch.manual_seed(0)
     model = lora.add_lora(load_model("tiny", dtype))
     g = torch.Generator().manual_seed(1)
-    for m in lora.lora_layers(model):   # |B| ~ 0.02 as after training: |s B A| ~ 2e-3 next to |W| ~ 7e-2
-        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * scale
+    for m in lora.lora_layers(model):   # |up| ~ 0.02 as after training: |s up down| ~ 2e-3 next to |W| ~ 7e-2
+        m.lora_up.weight.data = torch.randn(m.lora_up.weight.shape, generator=g) * scale
     return model
 
 
 def test_sampler_and_learner_are_one_policy_in_bf16():
     """In bf16 the learner's log-probs of the sampled tokens differ from the sampler's by bf16's own noise (cached
     decoding against a full pass, measured with no adapter), not more: the adapter is applied the same way on
-    both sides. A bf16 merge of W + s B A rounds the update and fails this (4x the floor)."""
+    both sides. A bf16 merge of W + s up down rounds the update and fails this (4x the floor)."""
     tok = ChatTokenizer("tiny")
     questions = data.load_questions("tiny", "validation")[:8]
     floor = sampler_learner_mismatch(tiny_with_adapter(torch.bfloat16, 0.0), tok, questions)
@@ -215,8 +215,8 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert all(r["policy_mismatch"] < 1e-5 for r in log)   # fp32: the sampler is the policy being trained
     for r in log:   # the force on the answers, from the step's own per-question pushes
         for kind, labeled in (("labeled", True), ("unlabeled", False)):
-            mine = [x for i, _, x in r["questions"] if x is not None and bool(draw[i]) == labeled]
-            assert r[f"answer_push_{kind}"] == (pytest.approx(np.mean(mine)) if mine else None)
+            completions = [x for i, _, x in r["questions"] if x is not None and bool(draw[i]) == labeled]
+            assert r[f"answer_push_{kind}"] == (pytest.approx(np.mean(completions)) if completions else None)
         assert len(r["questions"]) == 4 and all(0 <= acc <= 1 for _, acc, _ in r["questions"])
     config = json.load(open(full / "config.json"))
     assert config["mix"] == 0.5 and config["lr"] == 5e-3
@@ -229,7 +229,7 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     trained = load_model(model_dir)
     meta = lora.load_adapter(trained, str(final))
     assert meta["step"] == "8" and json.loads(meta["config"])["rollouts"] == 4
-    assert any(m.lora_B.weight.abs().max() > 0 for m in lora.lora_layers(trained))
+    assert any(m.lora_up.weight.abs().max() > 0 for m in lora.lora_layers(trained))
     from_state = lora.add_lora(load_model(model_dir), 1, 2.0)
     assert lora.set_adapter_state(from_state, torch.load(full / "state.pt")["adapter"])
     ids = torch.tensor([[5, 17, 42, 99, 7]])
@@ -275,7 +275,7 @@ def test_confidence_credit_puts_the_advantage_on_the_confidence_tokens_only(tiny
     assert train.confidence_start(tok, tok.encode("Answer: 4")) == 0   # no label: every token is blamed
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
-        m.lora_B.weight.data.normal_(0, 0.05)
+        m.lora_up.weight.data.normal_(0, 0.05)
     prompt = tok.encode("Question: 2 plus 2?")
     other = tok.encode("Answer: 5 or 6\nConfidence: 30%") + [tok.stop_ids[0]]
     out = completions_of(model, [prompt], [ids, other], 2)
@@ -359,7 +359,7 @@ def test_a_tampered_resume_state_is_refused_not_run(tmp_path, tiny_tied):
 def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkeypatch):
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
-        m.lora_B.weight.data.normal_(0, 0.05)
+        m.lora_up.weight.data.normal_(0, 0.05)
 
     def value_and_grads():
         logp, _ = train.completion_logprobs(model, PROMPTS, COMPLETIONS, 2)
@@ -495,9 +495,9 @@ def test_a_step_that_is_not_finite_stops_the_run_before_writing_it(tmp_path, for
     calls = []
 
     def poisoned(*a, **kw):   # the second step's rewards are NaN
-        rewards, parts = real(*a, **kw)
+        rewards, grading = real(*a, **kw)
         calls.append(1)
-        return ([float("nan")] * len(rewards) if len(calls) > 4 else rewards), parts
+        return ([float("nan")] * len(rewards) if len(calls) > 4 else rewards), grading
     monkeypatch.setattr(train.reward, "group_rewards", poisoned)
     with pytest.raises(UserError, match=r"step 1: the loss \(nan\) or the gradient norm .* is not finite; nothing "
                                         r"of it was written .* holds the run up to step 1"):
@@ -522,7 +522,7 @@ def test_ctrl_c_says_where_the_run_can_resume_from(tmp_path, formatted, monkeypa
         return real(*a, **kw)
     monkeypatch.setattr(train, "train_step", interrupted)
     with pytest.raises(SystemExit) as e:
-        cli.run(lambda: train.main(small(tmp_path, model, questions, tmp_path / "r")))
+        cli.entry(lambda: train.main(small(tmp_path, model, questions, tmp_path / "r")))
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
@@ -569,7 +569,7 @@ def test_a_start_that_fails_at_its_first_step_can_be_started_again(tmp_path, for
     def broken(*a, **kw):
         raise FloatingPointError("the policy's logits are not finite (its weights have diverged)")
     with monkeypatch.context() as patch:
-        patch.setattr(train, "rollouts", broken)
+        patch.setattr(train, "sample_answers", broken)
         with pytest.raises(UserError, match="step 0: .*No update has happened yet: the base model or --temperature"):
             train.main(argv)
     assert os.path.exists(tmp_path / "r" / "config.json") and not os.path.exists(tmp_path / "r" / "state.pt")
@@ -610,9 +610,9 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
     questions = data.read_jsonl(write_paraphrased(tmp_path / "q.jsonl", 2))
     args = types.SimpleNamespace(paraphrases=2, rollouts=4, max_new_tokens=12, temperature=1.0, seed=0, mix=0.5,
                                  correct_weight=0.0, credit="all", is_cap=2.0, clip=1.0, micro_batch_tokens=4096)
-    prompts, answers = train.rollouts(model, tok, questions, [0, 1], args, step=0)
-    assert [len(mine) for mine in answers] == [4, 4]   # each question's N answers together
-    out = [c for mine in answers for c in mine]
+    prompts, answers = train.sample_answers(model, tok, questions, [0, 1], args, step=0)
+    assert [len(completions) for completions in answers] == [4, 4]   # each question's N answers together
+    out = [c for completions in answers for c in completions]
     asked = [tok.decode(p).split("Question: ")[1].split("\n")[0] for p in prompts]
     assert asked == ["What is 0 plus 0?", "0 plus 0 is what?", "What is 1 plus 1?", "1 plus 1 is what?"]
     assert [c.prompt for c in out] == [0, 0, 1, 1, 2, 2, 3, 3]   # N / K = 2 answers to each phrasing
@@ -622,11 +622,11 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
         assert torch.allclose(logp[i, :len(c.ids)], torch.tensor(c.logprobs), atol=1e-5)
     # stability and the baseline are the question's, over all N answers of its two phrasings
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    monkeypatch.setattr(train, "rollouts", lambda *a, **k: (prompts, answers))
+    monkeypatch.setattr(train, "sample_answers", lambda *a, **k: (prompts, answers))
     share = train.train_step(model, tok, optimizer, questions, [0, 1], [False, True], args, 0, 2)
-    for q, mine in zip(share["asked"], answers):
-        assert q.parts["stability"] == calib.stability([calib.parse(c.text)[0] for c in mine])
-        assert len(q.rewards) == 4 and q.rollouts == mine
+    for q, completions in zip(share["graded"], answers):
+        assert q.grading["stability"] == calib.stability([calib.parse(c.text)[0] for c in completions])
+        assert len(q.rewards) == 4 and q.completions == completions
     assert share["mismatch"] / share["learned_tokens"] < 1e-5   # learn() scored each against its own prompt
 
 
