@@ -86,7 +86,8 @@ def test_every_link_of_the_readme_and_docs_leads_somewhere():
 
 
 def test_no_committed_file_holds_the_absolute_path_of_a_machine():
-    """Committed results move between checkouts: a path like /home/me/calib/tiny/model names nothing elsewhere."""
+    """Committed results move between checkouts: an absolute path of the machine that wrote them (its home, a
+    temporary folder, the checkout itself) names nothing elsewhere."""
     try:
         files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
