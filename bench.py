@@ -251,14 +251,13 @@ def machine(dtype, device):
     return bandwidth, 3 * 2 * n**3 / (time.perf_counter() - t)
 
 
-def roofline(shape, cache_len, dtype, bandwidth, flops):
-    """Time of one decode step at its limits: weights and KV cache read once, arithmetic at peak."""
+def roofline(shape, cache_len, dtype, bandwidth, flops, rows=PROMPTS * SAMPLES):
+    """Time of one decode step of `rows` rows at its limits: weights and KV cache read once, arithmetic at peak."""
     c = Qwen3Config(vocab_size=151936, **SHAPES[shape])
     size = torch.finfo(dtype).bits // 8
     per_layer = (c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
                  + 3 * c.hidden_size * c.intermediate_size)
     params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size     # the matmuls; the LM head
-    rows = PROMPTS * SAMPLES
     kv = rows * c.num_hidden_layers * 2 * c.num_key_value_heads * cache_len * c.head_dim
     attention = rows * c.num_hidden_layers * 4 * c.num_attention_heads * cache_len * c.head_dim
     return max((params + kv) * size / bandwidth, (2 * params * rows + attention) / flops)
@@ -504,6 +503,81 @@ def learning_step(shape, device, new_tokens=256):
             "peak_gb": memory_mb(device, peak=True) * 2**20 / 1e9, "tokens": sum(len(c.ids) for c in out)}
 
 
+PAPER_GRID_STEPS = 4200   # the paper grid with 3 seeds: its training runs' steps at the default batch of 8
+
+
+def learning_flops(shape, positions):
+    """FLOPs of one learning step over `positions` token positions: through the frozen body a forward and the
+    backward to the inputs (2 + 2 per weight and position: the frozen weights get no gradient), and the fp32 LM
+    head's forward, its recomputation in the backward (checkpointed chunks) and its backward (6 per weight);
+    attention and the rank-1 LoRA are left out (under 2% at 256 new tokens)."""
+    c = Qwen3Config(vocab_size=151936, **SHAPES[shape])
+    body = c.num_hidden_layers * (c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+                                  + 3 * c.hidden_size * c.intermediate_size)
+    return positions * (4 * body + 6 * c.vocab_size * c.hidden_size)
+
+
+def fast_path(shape, device, new_tokens=64):
+    """Eager against static decode (rollout.decode_static), side by side in one process on the same random
+    weights and prompts: one decode step in ms and its share of the bandwidth roofline (rollouts that never stop,
+    8 prompts x 8 samples, as a step at the defaults samples), the static path's compile time, whether both
+    sampled the same tokens; one learning step at the defaults (learn(), the step's rollouts cut at
+    `new_tokens`) with its FLOPs and MFU against the matmul peak; and the paper grid's estimated hours."""
+    model = random_model(shape, device)
+    lora.add_lora(model, 1, 2.0)
+    dtype = model.lm_head.weight.dtype
+    bandwidth, flops = machine(dtype, device)
+    prompts = random_prompts(8)
+    figures = {"device": device, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
+               "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_tflop_s": flops / 1e12}
+    roof = roofline(shape, PROMPT_TOKENS + new_tokens // 2, dtype, bandwidth, flops, rows=len(prompts) * 8)
+    samples = {}
+    for decode in ("eager", "static"):
+        run = lambda: generate(model, Vocab([]), prompts, n=8, max_new_tokens=new_tokens, seeds=range(8),
+                               decode=decode)
+        sync(device)
+        t = time.perf_counter()
+        run()   # the first call compiles (static) and warms up
+        sync(device)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        samples[decode] = run()
+        sync(device)
+        step = (time.perf_counter() - t) / new_tokens
+        figures[decode] = {"decode_ms": step * 1e3, "decode_roofline_share": roof / step,
+                           "first_call_s": first}
+        print(f"{decode:6s} decode step {step * 1e3:8.2f} ms ({roof / step:.1%} of the {roof * 1e3:.2f} ms roofline); "
+              f"its first call {first:.1f} s", flush=True)
+    figures["static"]["compile_s"] = figures["static"]["first_call_s"] - figures["eager"]["first_call_s"]
+    figures["same_tokens"] = [c.ids for c in samples["eager"]] == [c.ids for c in samples["static"]]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
+                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
+    out = samples["eager"]
+    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
+    train.learn(model, optimizer, prompts, out, advantages, args, len(out))   # warm-up
+    sync(device)
+    t = time.perf_counter()
+    train.learn(model, optimizer, prompts, out, advantages, args, len(out))
+    sync(device)
+    learning = time.perf_counter() - t
+    # what completion_logprobs computes: each prompt once, each distinct answer to it once (a random model's
+    # samples of one prompt are often the same answer: its logits are peaked)
+    distinct = {(c.prompt, tuple(c.ids)) for c in out}
+    positions = sum(map(len, prompts)) + sum(len(ids) for _, ids in distinct)
+    mfu = learning_flops(shape, positions) / learning / flops
+    for decode in ("eager", "static"):
+        step_s = figures[decode]["decode_ms"] / 1e3 * new_tokens + learning
+        figures[decode]["learning_mfu"] = mfu
+        figures[decode]["paper_grid_hours"] = PAPER_GRID_STEPS * step_s / 3600
+    figures.update(learning_s=learning, learning_positions=positions, distinct_answers=len(distinct))
+    print(f"learning step ({positions} positions, {len(distinct)} distinct answers of {len(out)}): {learning:.2f} s, "
+          f"learning_mfu {mfu:.1%}; paper_grid_hours "
+          f"(4,200 steps of {new_tokens}-token answers): eager {figures['eager']['paper_grid_hours']:.1f}, static "
+          f"{figures['static']['paper_grid_hours']:.1f}; the same tokens: {figures['same_tokens']}")
+    return figures
+
+
 def timed(command, **kw):
     """Run a command (a list), return its wall time in seconds; its output goes to the terminal."""
     t = time.perf_counter()
@@ -553,6 +627,7 @@ def gpu_check(out):
         two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                      os.path.join(here, "train.py"), *tiny, "--out", "two", "--ckpt", "two.safetensors"], cwd=work)
         return {"train_s": two, "one_process_train_s": figures["tiny_readme_train_cuda"].get("train_s")}
+    record("fast_path_4b_bf16", lambda: fast_path("4b", "cuda", new_tokens=256))   # first: the main gap
     record("probe_cost_4b_bf16", lambda: probe_cost("4b", "cuda"))
     record("rollout_bench_4b_bf16", lambda: rollout_bench("4b", torch.bfloat16, "cuda", 1))
     record("learning_step_4b_bf16", lambda: {**learning_step("4b", "cuda"), "estimate_gb": ESTIMATE_GB})
@@ -577,6 +652,10 @@ def main():
     p.add_argument("--train", action="store_true",
                    help="bench one full training step against TRL's GRPOTrainer instead of rollouts")
     p.add_argument("--model", default="tiny", help="with --train: the model (hub id, local directory or 'tiny')")
+    p.add_argument("--fast-path", action="store_true",
+                   help="eager against static decode (rollout.decode_static) side by side: decode step ms and "
+                        "roofline share, compile time, the same tokens; a learning step's MFU; the paper grid's "
+                        "hours (random weights of --shape, bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--gpu-check", metavar="JSON", nargs="?", const="gpu-check.json",
                    help="on a GPU: the 4B-shape cost of eval --probe, the 4B-shape rollout bench, a 4B-shape learning "
                         "step, the README's tiny commands on CUDA and (two GPUs) torchrun, their figures written to "
@@ -586,6 +665,8 @@ def main():
         return gpu_check(args.gpu_check)
     if args.train:
         return train_bench(args)
+    if args.fast_path:
+        return fast_path(args.shape, args.device)
     rollout_bench(args.shape, getattr(torch, args.dtype), args.device, args.lora_rank)
 
 

@@ -78,6 +78,9 @@ def parser():
                         "AUROC within groups, and the AUROC of the per-group accuracy as the confidence")
     p.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
     p.add_argument("--batch", type=cli.count, default=32, help="questions per generation batch")
+    p.add_argument("--decode", choices=["eager", "static"], default="eager",
+                   help="the decode loop: eager, or static (static shapes, compiled, on a GPU captured as CUDA "
+                        "graphs: rollout.py:decode_static; the same answers to rounding)")
     p.add_argument("--bootstrap", type=cli.natural, default=1000, help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=cli.seed, default=0,
                    help="seeds the question subset, the rollouts and the bootstrap")
@@ -152,15 +155,17 @@ def answer_all(model, tok, questions, args, label):
     for i in tqdm(starts, desc=f"eval {label}", unit="batch", disable=rank > 0):
         batch = questions[i:i + args.batch]
         prompts = [tok.chat(calib.messages(q["question"], args.prompt)) for q in batch]
-        greedy = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0)
+        greedy = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0,
+                          decode=args.decode)
         samples = (generate(model, tok, prompts, n=args.rollouts, max_new_tokens=args.max_new_tokens,
-                            seeds=[seed_of(args.seed, i + j) for j in range(len(batch))]) if args.rollouts else [])
+                            seeds=[seed_of(args.seed, i + j) for j in range(len(batch))], decode=args.decode)
+                   if args.rollouts else [])
         k = args.paraphrases   # with k > 1, N more answers, N / k to each of k phrasings
         over_phrasings = generate(model, tok, [tok.chat(calib.messages(text, args.prompt)) for q in batch
                                                for text in data.phrasings(q, k)],
                                   n=args.rollouts // k, max_new_tokens=args.max_new_tokens,
-                                  seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)]) \
-            if k > 1 else []
+                                  seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)],
+                                  decode=args.decode) if k > 1 else []
         hidden = probe_features(model, prompts, [out.ids for out in greedy]) if args.probe else []
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):

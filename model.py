@@ -124,13 +124,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)   # per head, on q and k only, before RoPE
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
+    def forward(self, x, cos, sin, mask, kv=None, start=0, slot=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)     # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write this step's keys/values into the cache, attend over everything so far
+        if kv is not None and slot is not None:   # static shapes: write at a slot given as a tensor, attend over
+            k_cache, v_cache = kv                  # every slot of the cache (the mask keeps what is not written)
+            k_cache.index_copy_(2, slot, k)
+            v_cache.index_copy_(2, slot, v)
+            k, v = k_cache, v_cache
+        elif kv is not None:  # write this step's keys/values into the cache, attend over everything so far
             k_cache, v_cache = kv
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
@@ -161,8 +166,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+    def forward(self, x, cos, sin, mask, kv=None, start=0, slot=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start, slot)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -237,6 +242,21 @@ class Qwen3(nn.Module):
                 self._head_fp32 = weight.detach().float()
             weight = self._head_fp32
         return F.linear(h.float(), weight)
+
+    def decode(self, token, position, slot, cache):
+        """One decode step at static shapes, for a compiled or captured step (rollout.py's static sampler): each
+        row's new token (B,) at its RoPE position (B,), its keys and values written at cache slot `slot` (a (1,)
+        tensor, not a Python int, so the step is the same graph at every slot), attending over every slot of the
+        cache that holds a real token (cache.valid). Returns the next-token logits (B, V), fp32. Equal to
+        forward(token[:, None], positions=position[:, None], cache=cache, last_only=True) at cache.len == slot,
+        but for the summation order of the attention over the unwritten, masked slots."""
+        x = self.model.embed_tokens(token[:, None])
+        cos, sin = rope_cos_sin(position[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cache.valid.index_fill_(1, slot, True)
+        mask = cache.valid[:, None, None, :]                                        # (B, 1, 1, max_len)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache.kv[i], slot=slot)
+        return self.logits(self.model.norm(x)[:, -1])
 
     def hidden_states(self, ids, valid=None, positions=None, cache=None):
         """The final-normed hidden states (B, T, hidden) that the LM head reads: training applies the head

@@ -101,6 +101,10 @@ def parser(doc):
     g.add_argument("--max-new-tokens", type=cli.count, default=256, help="length limit of each answer")
     g.add_argument("--temperature", type=cli.positive, default=1.0,
                    help="sampling temperature of the rollouts (the learner's log-probs use it too)")
+    g.add_argument("--decode", choices=["eager", "static"], default="eager",
+                   help="the rollouts' decode loop: eager (step by step, finished rows dropped) or static (static "
+                        "shapes, compiled, on a GPU captured as CUDA graphs: rollout.py:decode_static; the same "
+                        "samples to rounding, ~1e-6 nats; on these CPUs slower, and compiling costs ~30 s)")
     g.add_argument("--is-cap", type=cli.non_negative, default=2.0, metavar="CAP",
                    help="the cap of the truncated importance weight min(p_learn / p_sample, CAP) on each token's "
                         "advantage, which corrects what sampler-learner mismatch remains (0: none)")

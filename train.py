@@ -119,7 +119,7 @@ def sample_answers(model, tok, questions, indices, args, step):
     lora.merge(model)   # fp32: one matmul per layer while sampling; bf16 keeps W x + s up(down(x)), as learning does
     try:
         out = generate(model, tok, prompts, n=per_question // k, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, seeds=seeds)   # prompt-major: a question's N together
+                       temperature=args.temperature, seeds=seeds, decode=args.decode)   # prompt-major
     finally:
         lora.unmerge(model)
     return prompts, [out[q * per_question:(q + 1) * per_question] for q in range(len(questions))]

@@ -111,3 +111,71 @@ def test_text_is_decoded_without_special_tokens(setup):
     model, tok = setup
     c = generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
     assert c.text == tok.decode(c.ids)
+
+
+def same_samples(eager, static, where, tolerance):
+    """The static decode's samples are the eager decode's: the same token ids, and log-probs within `tolerance`
+    nats. They differ by rounding only, of two kinds: the static step attends over every slot of the cache (the
+    unwritten ones masked), so the attention sums in another order; and its batch has other sizes than the
+    eager one's (a bucket, not the live rows), and a row's matmuls round by the shape of the batch they run in.
+    The eager loop itself differs from itself by as much when only its batch changes (each prompt alone against
+    the three together: up to 4.3e-6 nats on the random model below). A token whose uniform lies that close to
+    a boundary of the CDF could flip; none did on these sets; if one does, the message says where."""
+    for i, (a, b) in enumerate(zip(eager, static)):
+        if a.ids != b.ids:
+            t = next((t for t, (x, y) in enumerate(zip(a.ids, b.ids)) if x != y), min(len(a.ids), len(b.ids)))
+            raise AssertionError(f"{where}: sample {i} differs at token {t}: {a.ids[t:t + 3]} against "
+                                 f"{b.ids[t:t + 3]} (log-probs there {a.logprobs[t:t + 1]} / {b.logprobs[t:t + 1]})")
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < tolerance, where
+        assert a.stopped == b.stopped and a.text == b.text
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded tiny model and its first 6 validation questions as chat prompts: real weights."""
+    import calib
+    import data
+    model, tok = load_model("tiny"), ChatTokenizer("tiny")
+    return model, tok, [tok.chat(calib.messages(q["question"])) for q in data.load_questions("tiny", "validation")[:6]]
+
+
+# The random model's logits are spread wider than a trained model's (|logit| up to ~10): its rounding is larger.
+# Measured, compacting every 2 steps: 1.05e-5 nats at most on it, 3.8e-6 on the embedded model.
+@pytest.mark.parametrize("which,temperature,tolerance", [("embedded", 1.0, 1e-5), ("embedded", 0.0, 1e-5),
+                                                         ("random", 1.0, 2e-5), ("random", 0.0, 2e-5)])
+def test_the_static_decode_samples_what_the_eager_decode_samples(stopping, embedded, monkeypatch, which, temperature,
+                                                                 tolerance):
+    """Static shapes (rows marked dead, not dropped; compacted into smaller batches at the host's looks) give
+    the eager loop's samples, greedy and sampled, on the embedded model and a random one. The host looks every 2
+    steps here, so that rows are compacted several times within these short answers."""
+    import rollout
+    model, tok, prompts = embedded if which == "embedded" else (*stopping, PROMPTS)
+    monkeypatch.setattr(rollout, "LOOK_EVERY", 2)
+    calls, real = [], rollout.decode_static   # uncompiled here: what compiling changes, the next test checks
+    monkeypatch.setattr(rollout, "decode_static", lambda *a, **k: calls.append(1) or real(*a, compile=False, **k))
+    n, seeds = (4 if temperature else 1), range(10, 10 + len(prompts))
+    eager = generate(model, tok, prompts, n=n, max_new_tokens=24, temperature=temperature, seeds=seeds)
+    static = generate(model, tok, prompts, n=n, max_new_tokens=24, temperature=temperature, seeds=seeds,
+                      decode="static")
+    assert calls and len({len(c.ids) for c in eager}) > 2   # answers of several lengths: rows stop at many steps
+    same_samples(eager, static, f"{which} model, temperature {temperature}", tolerance)
+
+
+def test_compiled_the_static_decode_still_samples_what_the_eager_decode_samples(stopping):
+    """torch.compile's inductor (what runs on a CPU; on a GPU also captured as CUDA graphs) changes how the step
+    is computed, not what it samples: the same tokens, log-probs within the rounding of the test above."""
+    model, tok = stopping
+    eager = generate(model, tok, PROMPTS, n=4, max_new_tokens=20, seeds=[3, 4, 5])
+    static = generate(model, tok, PROMPTS, n=4, max_new_tokens=20, seeds=[3, 4, 5], decode="static")
+    same_samples(eager, static, "compiled, random model", 2e-5)
+
+
+def test_the_static_decode_refuses_logits_that_are_not_finite(stopping, monkeypatch):
+    import rollout
+    model, tok = stopping
+    real = model.decode
+    monkeypatch.setattr(model, "decode", lambda *a: real(*a) * float("nan"))
+    monkeypatch.setattr(rollout, "decode_static", lambda *a, real=rollout.decode_static, **k: real(*a, compile=False,
+                                                                                                  **k))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        generate(model, tok, PROMPTS, n=2, max_new_tokens=12, decode="static")

@@ -741,3 +741,15 @@ def test_a_question_file_changed_under_a_run_is_refused(tmp_path, formatted):
         f.write("\n".join(rows[::-1]) + "\n")
     with pytest.raises(UserError, match="the question file .*q.jsonl has changed since the run began"):
         train.main(["--out", str(tmp_path / "r"), "--resume"])
+
+
+def test_the_eager_decode_and_learning_step_are_pinned(tmp_path):
+    """The first two steps of a small run of the embedded model, pinned as the commit before the static decode
+    (rollout.py:decode_static) computed them: the eager path, the default, must not move, or every committed
+    result would stop being reproducible. Token counts and rewards exactly; the loss to 5 significant digits,
+    what any thread count gives (the sums' order moves its 7th)."""
+    train.main(["--model", "tiny", "--dataset", "tiny", "--data", "16", "--batch", "8", "--epochs", "1",
+                "--max-new-tokens", "40", "--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "f.safetensors")])
+    log = data.read_records(tmp_path / "r" / "metrics.jsonl")
+    assert [(r["tokens"], r["reward"], float(f"{r['loss']:.5g}")) for r in log] == [
+        (718, 0.9163055211442923, 0.00017948), (767, 0.8575975586494073, -0.022364)]
