@@ -8,6 +8,7 @@ A script ends on bad input with one line `error: ...` and exit code 1, on Ctrl-C
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -141,7 +142,10 @@ def check_writable(path, flag, folder=False):
 
 def entry(main):
     """Start a script's main(): bad input ends in one line and exit code 1, Ctrl-C in one line and 130. A
-    KeyboardInterrupt raised with a message (train.py's: where the last checkpoint is) prints that message."""
+    KeyboardInterrupt raised with a message (train.py's: where the last checkpoint is) prints that message.
+    SIGTERM (what kill, systemd, Slurm and torchrun send) stops a script as Ctrl-C does, so that what it was
+    writing is finished or removed (data.write_atomic), never left half-written, and it says where it stopped."""
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
     except UserError as e:
@@ -149,3 +153,9 @@ def entry(main):
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -233,17 +233,68 @@ def read_json_object(path):
 
 def write_atomic(path, data):
     """Write to a temporary file, flush it to disk, then rename it over `path` and flush the directory entry:
-    a crash or a power loss leaves the old file or the new one, never half of one or an empty one."""
+    a crash or a power loss leaves the old file or the new one, never half of one or an empty one. The
+    temporary file is made new beside `path` (O_EXCL: never one that is there already; O_NOFOLLOW: never through
+    a link someone planted), and a `path` that is a link is refused: nothing is written outside its folder."""
+    temporary = write_temporary(path, data)
     try:
-        with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        remove_quietly(temporary)
+        raise
+    sync_folder(path)
+
+
+def write_temporary(path, data):
+    """`data` in a new temporary file beside `path` (PATH.<random>.tmp), flushed to disk; its name. A `path`
+    that is a symbolic link is refused. The file is removed again if the write fails (a full disk, Ctrl-C)."""
+    if os.path.islink(path):
+        raise UserError(f"{path} is a symbolic link: this project writes its files itself, never through a link; "
+                        "remove the link (or choose another output path)")
+    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:   # a full disk, Ctrl-C: no half-written temporary file is left behind
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+    except BaseException:
+        remove_quietly(temporary)
         raise
+    return temporary
+
+
+def write_outputs(files, marker):
+    """Several files of one result ({path: data}), then the file that says the result is finished, `marker` (a
+    (path, data) pair: eval.py's metrics.json), last. Every file is written to its temporary first; the old
+    marker is removed before the first rename, so that a stop at any moment leaves the old result whole, or no
+    marker (unfinished: a grid evaluates it again), or the new result whole; never new files beside an old
+    marker, which a grid would take for finished."""
+    temporaries = {}
+    try:
+        for path, data in [*files.items(), marker]:
+            temporaries[path] = write_temporary(path, data)
+        if os.path.lexists(marker[0]):
+            os.remove(marker[0])
+        for path, temporary in temporaries.items():   # the marker's is the last
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary in temporaries.values():
+            remove_quietly(temporary)
+        raise
+    for folder in {os.path.dirname(os.path.abspath(path)) for path in temporaries}:
+        sync_folder(os.path.join(folder, "."))
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def sync_folder(path):
+    """Flush the directory entry of `path` (a rename is only durable once its folder is)."""
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -9,6 +9,7 @@ intervals, reliability diagrams, stability analysis, and side-by-side comparison
 """
 
 import argparse
+import io
 import json
 import os
 import re
@@ -281,7 +282,16 @@ def print_table(results):
                 print(f"{g:14s}" + "".join(f"{m[k]:>20.3f}" if k != "n" else f"{m[k]:>20d}" for k in columns))
 
 
-def reliability_diagram(records_by_label, path, bins=10):
+def png(fig):
+    """A matplotlib figure as PNG bytes (closed), for data.write_atomic: a plot is written like every output."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def reliability_diagram(records_by_label, bins=10):
     """Accuracy against stated confidence in 10 equal-width bins, one curve per checkpoint, counts below."""
     import matplotlib
     matplotlib.use("Agg")
@@ -301,11 +311,10 @@ def reliability_diagram(records_by_label, path, bins=10):
     top.legend(fontsize=8)
     bottom.set(xlabel="stated confidence", ylabel="answers")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return png(fig)
 
 
-def changes_markdown(records_by_label, path, top=20):
+def changes_markdown(records_by_label, top=20):
     """The questions whose stated confidence changed most between checkpoints, responses side by side."""
     labels = list(records_by_label)
     rows = list(zip(*records_by_label.values()))
@@ -320,11 +329,10 @@ def changes_markdown(records_by_label, path, top=20):
             conf = "no confidence" if r["confidence"] is None else f"{r['confidence']:.0%}"
             verdict = "right" if r["correct"] else ("abstains" if r["abstained"] else "wrong")
             lines += [f"**{label}** ({conf}, {verdict}):", "", "> " + r["response"].strip().replace("\n", "\n> "), ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    return "\n".join(lines)
 
 
-def plot_logs(runs, path, window=1):
+def plot_logs(runs, window=1):
     """Reward, calibration gap, accuracy and the push on the answers over training, one line per run (the paper's
     Figure 2a, and reward.answer_push: below 0 the rewards favour wrong answers; labeled questions solid,
     unlabeled dashed). runs: {label: rows of metrics.jsonl}. A step sees only a batch of questions, so a moving
@@ -351,8 +359,7 @@ def plot_logs(runs, path, window=1):
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("step" + (f" (moving average over {window} steps)" if window > 1 else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return png(fig)
 
 
 def label_of(checkpoint, taken):
@@ -366,7 +373,7 @@ def main(argv=None):
     if args.plot_log:
         runs = {os.path.basename(os.path.dirname(os.path.abspath(log))): data.read_records(log)
                 for log in args.plot_log}
-        plot_logs(runs, os.path.join(args.out, "training.png"))
+        data.write_atomic(os.path.join(args.out, "training.png"), plot_logs(runs))
         print(f"wrote {os.path.join(args.out, 'training.png')}")
         return
     if args.ask:
@@ -464,17 +471,17 @@ def evaluate(args, rank=0):
         del model
     if rank > 0:   # under torchrun, rank 0 alone summarizes and writes
         return
+    files = {}
     for label, checkpoint in zip(records, args.checkpoints or [None]):
         results[label] = summarize(records[label], args) | {"checkpoint": checkpoint, "prompt": args.prompt}
-        with open(os.path.join(args.out, f"responses-{label}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records[label])
-
+        files[os.path.join(args.out, f"responses-{label}.jsonl")] = "".join(json.dumps(r) + "\n"
+                                                                           for r in records[label])
     print_table(results)
-    # atomic: experiments.py takes an existing metrics.json for a finished evaluation
-    data.write_atomic(args.json or os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2))
-    reliability_diagram(records, os.path.join(args.out, "reliability.png"))
+    files[os.path.join(args.out, "reliability.png")] = reliability_diagram(records)
     if len(records) > 1:
-        changes_markdown(records, os.path.join(args.out, "changes.md"))
+        files[os.path.join(args.out, "changes.md")] = changes_markdown(records)
+    # metrics.json last: experiments.py takes an existing one for a finished evaluation (data.write_outputs)
+    data.write_outputs(files, (args.json or os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2)))
     print(f"wrote {args.out}/: metrics.json, responses-*.jsonl, reliability.png"
           + (", changes.md" if len(records) > 1 else ""))
 

@@ -43,6 +43,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -299,6 +300,11 @@ def claim_folder(folder, commands):
     data.write_atomic(path, json.dumps({**recorded, **commands}, indent=2))
 
 
+CHILDREN = set()   # the train.py / eval.py processes running now; a grid that is stopped stops them
+STOPPED = threading.Event()   # set when the grid is stopped: no run starts after it
+LOCK = threading.Lock()
+
+
 def launch(script, argv, args, device, folder):
     """Run train.py or eval.py through --launcher on `device`. When several conditions run at once, the run's
     output goes to FOLDER/<script>.log instead of the terminal."""
@@ -312,15 +318,34 @@ def launch(script, argv, args, device, folder):
     log = os.path.join(folder, script.replace(".py", ".log")) if len(args.devices) > 1 else None
     if log:
         os.makedirs(folder, exist_ok=True)
-        with open(log, "a") as f:
-            code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    else:
-        code = subprocess.run(command, env=env).returncode
+    with LOCK:
+        if STOPPED.is_set():
+            raise KeyboardInterrupt
+        with open(log, "a") if log else contextlib.nullcontext() as output:
+            child = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if log else None)
+        CHILDREN.add(child)
+    try:
+        code = child.wait()
+    finally:
+        CHILDREN.discard(child)
     if code:
         raise UserError(f"{script} failed for {folder} (exit code {code})" + (f"; see {log}" if log else ""))
 
 
+def stop_children():
+    """SIGTERM to every run in progress (train.py keeps its last checkpoint and says so), and wait for them: a
+    stopped grid leaves no run behind it."""
+    with LOCK:
+        STOPPED.set()
+        running = list(CHILDREN)
+    for child in running:
+        child.terminate()
+    for child in running:
+        child.wait()
+
+
 def run_grid(args):
+    STOPPED.clear()
     tables = GRIDS[args.grid]
     jobs = [(name, seed) for name in grid_conditions(tables) for seed in seeds_of(name, args)]
     check_commands(args, jobs)
@@ -337,8 +362,15 @@ def run_grid(args):
             return run_condition(*job, args, device)
         finally:
             free.put(device)
-    with ThreadPoolExecutor(len(args.devices)) as pool:
+    pool = ThreadPoolExecutor(len(args.devices))
+    try:
         results = dict(zip(jobs, pool.map(run_job, range(len(jobs)), jobs)))
+    except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (cli.entry): no run starts or goes on without the grid
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_children()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     write_report(args, tables, results)
     print(f"wrote {os.path.join(args.out, 'report.md')} and its plots")
 

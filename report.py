@@ -203,12 +203,12 @@ def write_plots(args, table):
     plots = []
     if trained:
         path = f"training-{slug(table.title)}.png"
-        evaluation.plot_logs({label: mean_log(name, args) for name, label in trained},
-                           os.path.join(args.out, path), window=25)
+        data.write_atomic(os.path.join(args.out, path),
+                          evaluation.plot_logs({label: mean_log(name, args) for name, label in trained}, window=25))
         plots.append(("Reward, calibration gap and accuracy over training (mean of the seeds)", path))
     records = {label: responses(args, name, 0) for name, label, _ in table.rows}
     path = f"reliability-{slug(table.title)}.png"
-    evaluation.reliability_diagram(records, os.path.join(args.out, path))
+    data.write_atomic(os.path.join(args.out, path), evaluation.reliability_diagram(records))
     plots.append(("Reliability diagrams of the final checkpoints (seed 0)", path))
     return plots
 
@@ -362,8 +362,7 @@ def dose_plot(args, path):
         ax.set_xlabel("epochs over the same 1,600 questions")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, path), dpi=120)
-    plt.close(fig)
+    data.write_atomic(os.path.join(args.out, path), evaluation.png(fig))
 
 
 def push_plot(logged, path, labels):
@@ -389,8 +388,7 @@ def push_plot(logged, path, labels):
     axes[1, 0].set_ylabel("labeled answer push")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    data.write_atomic(path, evaluation.png(fig))
 
 
 def stress_markdown(args, table):

@@ -81,14 +81,73 @@ def test_unreachable_hub_for_triviaqa_is_a_clear_error(monkeypatch):
 
 def test_write_atomic_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     import os
+    import re
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(
         f"/proc/self/fd/{fd}")))) or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(a), os.path.basename(b)))
+                        or real_replace(a, b))
     data.write_atomic(str(tmp_path / "f.json"), "{}")
-    assert events == [("fsync", "f.json.tmp"), ("replace", "f.json"), ("fsync", tmp_path.name)]
-    assert (tmp_path / "f.json").read_text() == "{}" and not (tmp_path / "f.json.tmp").exists()
+    (_, written), (_, moved, to), last = events
+    assert re.fullmatch(r"f\.json\.[0-9a-f]{8}\.tmp", written) and moved == written and to == "f.json"
+    assert last == ("fsync", tmp_path.name)
+    assert (tmp_path / "f.json").read_text() == "{}" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_planted_link_is_never_written_through(tmp_path):
+    """A link where the output goes, or where its temporary file would go, never carries the write elsewhere."""
+    import os
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").symlink_to(outside)
+    with pytest.raises(UserError, match="config.json is a symbolic link: .* never through a link"):
+        data.write_atomic(str(run / "config.json"), "{}")
+    real_urandom = os.urandom
+    os.urandom = lambda n: b"\x00" * n   # the temporary's name guessed and planted as a link
+    try:
+        (run / "state.pt.00000000.tmp").symlink_to(outside)
+        with pytest.raises(FileExistsError):
+            data.write_atomic(str(run / "state.pt"), b"new")
+    finally:
+        os.urandom = real_urandom
+    assert outside.read_text() == "precious" and not (run / "state.pt").exists()
+
+
+def test_outputs_with_a_marker_leave_the_old_result_or_the_new_one(tmp_path, monkeypatch):
+    """write_outputs: a stop anywhere leaves the old files with their marker, or no marker (unfinished), or the
+    new files with theirs; never new files beside the old marker, and no temporary file."""
+    import os
+    at = lambda name: str(tmp_path / name)
+    old = {at("a.jsonl"): "old a", at("b.png"): b"old b"}, (at("metrics.json"), "old")
+    new = {at("a.jsonl"): "new a", at("b.png"): b"new b"}, (at("metrics.json"), "new")
+    files = lambda: {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    data.write_outputs(*old)
+    written = files()
+    real_write = data.write_temporary   # a stop while the temporaries are written: the old result, whole
+    monkeypatch.setattr(data, "write_temporary", lambda path, d: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if path.endswith("b.png") else real_write(path, d))
+    with pytest.raises(KeyboardInterrupt):
+        data.write_outputs(*new)
+    monkeypatch.setattr(data, "write_temporary", real_write)
+    assert files() == written
+    real_replace = os.replace
+    for stop_at in range(3):   # a stop at the renames of a, of b, of the marker: no marker
+        def replace(a, b, calls=[]):
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            calls.append(b)
+            real_replace(a, b)
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            data.write_outputs(*new)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert "metrics.json" not in files() and not any(f.endswith(".tmp") for f in files()), files()
+        data.write_outputs(*old)
+    data.write_outputs(*new)
+    assert files() == {"a.jsonl": b"new a", "b.png": b"new b", "metrics.json": b"new"}
 
 
 def test_a_question_file_that_would_score_wrongly_or_forge_a_turn_is_refused_by_line(tmp_path):

@@ -261,3 +261,39 @@ def test_one_question_under_the_microscope(tmp_path, tiny_tied, formatted, capsy
     with pytest.raises(SystemExit):
         evaluation.parse_args(["--answers", "6", "--out", str(tmp_path / "e")])
     assert "--answers scores the question of --ask" in capsys.readouterr().err
+
+
+def test_an_evaluation_stopped_while_it_writes_leaves_the_old_result_or_none_never_a_mix(tmp_path, formatted,
+                                                                                       monkeypatch):
+    """A stop (Ctrl-C, or SIGTERM: cli.entry makes it one) at any moment of a rerun's writing leaves the old
+    result whole, or no metrics.json (a grid takes the evaluation for unfinished and runs it again); never new
+    responses beside the old metrics.json, which a grid would take for finished. Nothing is written through a
+    link planted in --out."""
+    import os
+    model_dir, questions = formatted
+    out = tmp_path / "eval"
+    flags = lambda n: ["--model", model_dir, "--dataset", questions, "--n", n, "--max-new-tokens", "12",
+                       "--bootstrap", "20", "--out", str(out)]
+    evaluation.main(flags("6"))
+    files = lambda: {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
+    old = files()
+    real_replace = os.replace
+    for stop_at in range(3):   # the renames: responses, the diagram, then metrics.json
+        def replace(a, b, calls=[]):
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            calls.append(b)
+            real_replace(a, b)
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            evaluation.main(flags("8"))   # other questions: other responses and metrics
+        monkeypatch.setattr(os, "replace", real_replace)
+        now = files()
+        assert "metrics.json" not in now and not any(f.endswith(".tmp") for f in now), sorted(now)
+        evaluation.main(flags("6"))
+        assert files() == old
+    (out / "reliability.png").unlink()
+    (out / "reliability.png").symlink_to(tmp_path / "elsewhere.png")
+    with pytest.raises(UserError, match="reliability.png is a symbolic link"):
+        evaluation.main(flags("8"))
+    assert not (tmp_path / "elsewhere.png").exists() and (out / "metrics.json").read_bytes() == old["metrics.json"]

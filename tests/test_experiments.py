@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -288,3 +290,32 @@ def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, 
     path.write_text(json.dumps(tampered))
     with pytest.raises(experiments.UserError, match="eval-probe holds other answers than the run's evaluation"):
         experiments.main(argv(tmp_path, model, questions))
+
+
+def test_a_grid_stopped_by_sigterm_stops_its_runs_and_leaves_none_behind(tmp_path, formatted):
+    """kill, systemd and Slurm send SIGTERM to experiments.py alone: its train.py and eval.py children stop with
+    it (train.py saying where it can resume), instead of running on as orphans."""
+    model, questions = formatted
+    out = tmp_path / "grid"
+    script = tmp_path / "grid.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import cli, experiments, grids
+grids.CONDITIONS["T"] = grids.Condition(train=("--data", "24", "--epochs", "50", "--batch", "4", "--rollouts", "2"))
+grids.GRIDS["two"] = [grids.Table("T", ("accuracy",), (("untrained", "untrained", {{}}), ("T", "run T", {{}})))]
+cli.entry(lambda: experiments.main({argv(tmp_path, model, questions, "--devices", "cpu,cpu")!r}))
+""")
+    grid = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "T-seed0" / "metrics.jsonl").exists() and time.time() < deadline and grid.poll() is None:
+        time.sleep(0.2)   # until T is training
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(out) in open(
+        f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")] if os.path.isdir("/proc") else []
+    grid.send_signal(signal.SIGTERM)
+    said, _ = grid.communicate(timeout=120)
+    assert grid.returncode == 130, said
+    assert "finished runs are skipped, training resumes" in said
+    for pid in children:   # every train.py / eval.py it had started has ended
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert "interrupted" in (out / "T-seed0" / "train.log").read_text()   # train.py stopped, saying so

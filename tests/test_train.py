@@ -159,7 +159,8 @@ def test_micro_batches_bound_the_padded_size_and_do_not_change_the_update(tiny_u
 
 def sampler_learner_mismatch(model, tok, questions, temperature=1.0):
     """policy_mismatch of one step's rollouts: mean |log p_learner - log p_sampler| over the sampled tokens."""
-    args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0, paraphrases=1)
+    args = types.SimpleNamespace(rollouts=4, max_new_tokens=16, temperature=temperature, seed=0, paraphrases=1,
+                                 decode="eager")
     prompts, answers = train.sample_answers(model, tok, questions, range(len(questions)), args, step=0)
     out = [c for completions in answers for c in completions]
     with torch.no_grad():
@@ -609,7 +610,8 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
     model, tok = lora.add_lora(load_model(model_dir)), ChatTokenizer(model_dir)
     questions = data.read_jsonl(write_paraphrased(tmp_path / "q.jsonl", 2))
     args = types.SimpleNamespace(paraphrases=2, rollouts=4, max_new_tokens=12, temperature=1.0, seed=0, mix=0.5,
-                                 correct_weight=0.0, credit="all", is_cap=2.0, clip=1.0, micro_batch_tokens=4096)
+                                 correct_weight=0.0, credit="all", is_cap=2.0, clip=1.0, micro_batch_tokens=4096,
+                                 decode="eager")
     prompts, answers = train.sample_answers(model, tok, questions, [0, 1], args, step=0)
     assert [len(completions) for completions in answers] == [4, 4]   # each question's N answers together
     out = [c for completions in answers for c in completions]
