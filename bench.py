@@ -51,7 +51,7 @@ import lora
 import reward
 import train
 from model import Qwen3, Qwen3Config, from_state_dict, resolve
-from rollout import generate, left_pad, sample
+from rollout import Completion, generate, left_pad, sample
 
 SHAPES = {   # Qwen3 config.json fields; all keep the real vocabulary, where much of the cost is
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -449,6 +449,18 @@ def random_prompts(count):
     return [[7] * 20 + p[20:] for p in prompts]
 
 
+def distinct_answers(prompts, n, new_tokens):
+    """n answers of `new_tokens` seeded random tokens to each prompt, every one distinct: what the learning step
+    meets in real RL (its cost grows with the distinct answers: copies run once). A random model's own samples
+    will not do: its next-token distribution is a point mass (every sampled token at log p = 0), so its 8
+    samples of a prompt are one answer, and a learning step on them computes an eighth of the real one (what the
+    H200 check's 13.1 GB peak measured)."""
+    g = torch.Generator().manual_seed(0)
+    return [Completion(prompt=p, ids=torch.randint(0, 151000, (new_tokens,), generator=g).tolist(),
+                       logprobs=[0.0] * new_tokens, text="", stopped=False)
+            for p in range(len(prompts)) for _ in range(n)]
+
+
 def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000, batch=32):
     """What eval.py --probe adds, at a real model's shape (random weights): the greedy answers to `questions`
     prompts in batches of `batch` (eval's default), answers that never stop (the longest case), against the
@@ -491,10 +503,10 @@ def learning_step(shape, device, new_tokens=256):
     sync(device)
     reset_peak(device)
     t = time.perf_counter()
-    out = generate(model, Vocab([]), prompts, n=args.rollouts, max_new_tokens=new_tokens,
-                   seeds=list(range(len(prompts))))
+    generate(model, Vocab([]), prompts, n=args.rollouts, max_new_tokens=new_tokens, seeds=list(range(len(prompts))))
     sync(device)
     sampled = time.perf_counter() - t
+    out = distinct_answers(prompts, args.rollouts, new_tokens)   # the learning step of real, distinct rollouts
     advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
     t = time.perf_counter()
     train.learn(model, optimizer, prompts, out, advantages, args, len(out))
@@ -553,7 +565,7 @@ def fast_path(shape, device, new_tokens=64):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
                              "--ckpt", tempfile.mktemp(suffix=".safetensors")])
-    out = samples["eager"]
+    out = distinct_answers(prompts, 8, new_tokens)   # the learning step of real, distinct rollouts
     advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
     train.learn(model, optimizer, prompts, out, advantages, args, len(out))   # warm-up
     sync(device)
@@ -561,9 +573,7 @@ def fast_path(shape, device, new_tokens=64):
     train.learn(model, optimizer, prompts, out, advantages, args, len(out))
     sync(device)
     learning = time.perf_counter() - t
-    # what completion_logprobs computes: each prompt once, each distinct answer to it once (a random model's
-    # samples of one prompt are often the same answer: its logits are peaked)
-    distinct = {(c.prompt, tuple(c.ids)) for c in out}
+    distinct = {(c.prompt, tuple(c.ids)) for c in out}   # completion_logprobs runs each prompt and answer once
     positions = sum(map(len, prompts)) + sum(len(ids) for _, ids in distinct)
     mfu = learning_flops(shape, positions) / learning / flops
     for decode in ("eager", "static"):
