@@ -588,6 +588,44 @@ def fast_path(shape, device, new_tokens=64):
     return figures
 
 
+def profile_steps(shape, device, new_tokens=32, rows=16):
+    """torch.profiler over one decode step, eager and static (after a warm-up, so the static one is its compiled
+    or captured replay), and one learning step (8 distinct answers to each of 2 prompts): each one's top ops by
+    self time and its count of kernel launches (on a CPU, of aten ops). Where the time goes, for docs/speed.md."""
+    from torch.profiler import ProfilerActivity, profile
+    model = random_model(shape, device)
+    lora.add_lora(model, 1, 2.0)
+    prompts = random_prompts(rows // 8)
+    on_gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    summary = {}
+
+    def profiled(name, work):
+        work()   # warm-up: compiled, captured, allocated
+        sync(device)
+        with profile(activities=activities) as prof:
+            work()
+            sync(device)
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if re.search(r"LaunchKernel|GraphLaunch", e.key)) if on_gpu else \
+            sum(e.count for e in events if e.key.startswith("aten::"))
+        summary[name] = {"launches": launches, "top": events.table(sort_by=sort, row_limit=12)}
+        print(f"{name}: {launches} {'kernel launches' if on_gpu else 'aten ops'}\n{summary[name]['top']}", flush=True)
+
+    for decode in ("eager", "static"):   # one step: a generate of 1 new token is a prefill, then the step alone
+        steps = lambda decode=decode: generate(model, Vocab([]), prompts, n=8, max_new_tokens=new_tokens,
+                                               seeds=range(len(prompts)), decode=decode)
+        profiled(f"decode_{decode}_{new_tokens}_steps", steps)
+    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
+                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    out = distinct_answers(prompts, 8, new_tokens)
+    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
+    profiled("learning_step", lambda: train.learn(model, optimizer, prompts, out, advantages, args, len(out)))
+    return summary
+
+
 def timed(command, **kw):
     """Run a command (a list), return its wall time in seconds; its output goes to the terminal."""
     t = time.perf_counter()
@@ -638,6 +676,7 @@ def gpu_check(out):
                      os.path.join(here, "train.py"), *tiny, "--out", "two", "--ckpt", "two.safetensors"], cwd=work)
         return {"train_s": two, "one_process_train_s": figures["tiny_readme_train_cuda"].get("train_s")}
     record("fast_path_4b_bf16", lambda: fast_path("4b", "cuda", new_tokens=256))   # first: the main gap
+    record("profile_4b_bf16", lambda: profile_steps("4b", "cuda"))
     record("probe_cost_4b_bf16", lambda: probe_cost("4b", "cuda"))
     record("rollout_bench_4b_bf16", lambda: rollout_bench("4b", torch.bfloat16, "cuda", 1))
     record("learning_step_4b_bf16", lambda: {**learning_step("4b", "cuda"), "estimate_gb": ESTIMATE_GB})
