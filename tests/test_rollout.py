@@ -182,3 +182,16 @@ def test_the_static_decode_refuses_logits_that_are_not_finite(stopping, monkeypa
                                                                                                   **k))
     with pytest.raises(FloatingPointError, match="not finite"):
         generate(model, tok, PROMPTS, n=2, max_new_tokens=12, decode="static")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the captured CUDA graphs")
+def test_on_a_gpu_the_captured_static_decode_samples_what_the_eager_decode_samples(embedded):
+    """What a session lent a GPU runs: the static decode compiled and captured as CUDA graphs (compacting through
+    every batch size) samples the eager loop's tokens, on the embedded model in fp32."""
+    import rollout
+    _, _, prompts = embedded
+    model, tok = load_model("tiny", device="cuda"), ChatTokenizer("tiny")
+    eager = generate(model, tok, prompts, n=8, max_new_tokens=64, seeds=range(len(prompts)))
+    static = generate(model, tok, prompts, n=8, max_new_tokens=64, seeds=range(len(prompts)), decode="static")
+    assert rollout.LOOK_EVERY < 64
+    same_samples(eager, static, "CUDA graphs, embedded model", 1e-5)
