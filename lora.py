@@ -116,6 +116,34 @@ def peft_folder_of(path):
     return os.path.splitext(os.path.normpath(path))[0] + "-peft"
 
 
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def is_adapter(path):
+    """Whether `path` is an adapter file this project wrote (a safetensors file whose metadata names its base
+    model and rank), read from its header alone."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return False
+    return not os.path.islink(path) and "base_model" in meta and "rank" in meta
+
+
+def check_replaceable(folder):
+    """A PEFT folder is written whole over an old one (save_peft_folder): only over one this project wrote (its
+    two files, the weights an adapter of ours), never over another folder, which would be deleted."""
+    if not os.path.lexists(folder):
+        return
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        raise UserError(f"{folder} exists and is not a folder this project wrote (a file or a link); choose "
+                        "another place for the PEFT folder")
+    names = set(os.listdir(folder))
+    if names and not (names <= PEFT_FILES and is_adapter(os.path.join(folder, "adapter_model.safetensors"))):
+        raise UserError(f"{folder} holds files this project did not write ({', '.join(sorted(names)[:3])}...); "
+                        "writing the PEFT folder there would replace them: choose another folder")
+
+
 def save_peft_folder(folder, tensors, meta):
     """The adapter in PEFT's folder layout, which PeftModel.from_pretrained(base_model, folder) and vLLM's LoRA
     serving load: adapter_config.json (a LoraConfig) and adapter_model.safetensors (the same tensors, whose
@@ -129,6 +157,7 @@ def save_peft_folder(folder, tensors, meta):
     # Written whole: a new folder beside it, then swapped in, so that a stop never pairs new weights with an old
     # config (PEFT would load them without a word).
     folder = os.path.normpath(folder)
+    check_replaceable(folder)
     new, old = folder + ".new", folder + ".old"
     for leftover in (new, old):
         shutil.rmtree(leftover, ignore_errors=True)

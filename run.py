@@ -17,6 +17,8 @@ import importlib.util
 import io
 import json
 import os
+import re
+import sys
 import uuid
 
 import torch
@@ -149,7 +151,7 @@ def parse_args(argv, doc):
     p = parser(doc)
     args = p.parse_args(argv)
     if args.resume:
-        args = resumed_flags(p, argv, args)
+        args = resumed_flags(lambda: parser(doc), argv, args)
     if args.rollouts < 2:
         p.error("--rollouts must be at least 2: stability compares answers")
     if args.rollouts % args.paraphrases:
@@ -176,6 +178,12 @@ def parse_args(argv, doc):
             own in RUN_FILES or own.startswith("adapter-")):
         p.error(f"--ckpt {args.ckpt} would overwrite the run folder's own {own}: name the final adapter otherwise")
     cli.check_writable(lora.peft_folder_of(args.ckpt), "--ckpt's PEFT folder", folder=True)
+    # a run replaces only what this project wrote: --ckpt (given, or read back from a run's config.json on
+    # resume) never overwrites another file, nor its PEFT folder another folder
+    if os.path.lexists(args.ckpt) and not lora.is_adapter(args.ckpt):
+        raise UserError(f"--ckpt {args.ckpt} exists and is not an adapter this project wrote: a run replaces only "
+                        "its own; choose another --ckpt")
+    lora.check_replaceable(lora.peft_folder_of(args.ckpt))
     return args
 
 
@@ -191,18 +199,25 @@ def wandb_can_log():
         return False
 
 
-def resumed_flags(p, argv, args):
+def resumed_flags(make_parser, argv, args):
     """--resume: the flags of the run in --out (its config.json), with those given on the command line, each of
-    which must agree with the run's unless it changes no result. No config.json: the flags as given."""
+    which must agree with the run's unless it changes no result. The config's values are parsed as the flags
+    they are, through every check a flag gets: a value changed by hand (a batch of 0, a NaN) is refused as it
+    would be on the command line, naming the file. No config.json: nothing to resume (check_run says so)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     path = os.path.join(args.out, "config.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
         return args
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}); restore it, or start over in another --out") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a run's config (not a JSON object); restore it, or start over in another "
+                        "--out")
     unset = object()   # parsed again with every default unset: what remains was given
+    p = make_parser()
     p.set_defaults(**{key: unset for key in vars(args)})
     given = {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
     as_run = {"model": model_id, "dataset": dataset_id}   # the config names them so
@@ -214,10 +229,26 @@ def resumed_flags(p, argv, args):
     if differ:
         raise UserError(f"{args.out} is a run with other flags: {'; '.join(differ)}. Resume it with `--out "
                         f"{args.out} --resume` alone, or choose another --out for these flags")
-    for key, value in config.items():   # where and how far this start goes is its own; the rest is the run's
-        if key in vars(args) and key not in given and key not in ("out", "resume", "max_steps", "device"):
-            setattr(args, key, tuple(value) if isinstance(value, list) else value)
-    return args
+    # where and how far this start goes is its own; the rest is the run's
+    kept = {k: v for k, v in config.items()
+            if k in vars(args) and k not in given and k not in ("out", "resume", "max_steps", "device")}
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return make_parser().parse_args([token for key, value in kept.items() for token in as_flag(key, value)]
+                                            + argv)
+    except SystemExit:
+        refusal = said.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+        raise UserError(f"{path} holds a value its flag refuses ({refusal}): it was changed or damaged since the "
+                        "run began; restore it, or start over in another --out") from None
+
+
+def as_flag(key, value):
+    """A config.json value as the command-line tokens of its flag: what parse_args checks it with."""
+    if isinstance(value, bool) or value is None:
+        return [f"--{key.replace('_', '-')}"] if value else []
+    text = ":".join(map(str, value)) if isinstance(value, list) else str(value)   # --mix-schedule START:END
+    return [f"--{key.replace('_', '-')}={text}"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,16 +319,25 @@ class Folder:
         for name, text in (files or {}).items():
             data.write_atomic(os.path.join(args.out, name), text)
         keep_metrics_until(self.log_file, start)
+        set_aside_uncommitted(args.out, start)
         if os.path.exists(args.ckpt) and start < total_steps:
             print(f"note: --ckpt {args.ckpt} exists; this run replaces it when it finishes", flush=True)
 
-    def restore(self, model, optimizer):
-        """(the step to start at, the calibrated stability target's data): from the resume state, or fresh."""
+    def restore(self, model, optimizer, total_steps):
+        """(the step to start at, the calibrated stability target's data): from the resume state, or fresh.
+        Before anything of the folder changes (begin)."""
         if self.state is None:
             return 0, reward.StabilityCalibration()
+        if self.state["step"] > total_steps:
+            raise UserError(f"{self.args.out}/state.pt is at step {self.state['step']}, past the run's "
+                            f"{total_steps}: it is not this run's; restore the folder, or start over in another --out")
         if not lora.set_adapter_state(model, self.state["adapter"]):
             raise UserError(f"{self.args.out}/state.pt does not fit this model's LoRA weights")
-        optimizer.load_state_dict(self.state["optimizer"])
+        try:
+            optimizer.load_state_dict(self.state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"{self.args.out}/state.pt's optimizer state does not fit this run ({e}); restore the "
+                            "folder, or start over in another --out") from None
         return self.state["step"], reward.StabilityCalibration(self.state.get("calibration", ()))
 
     def steps(self, start, end, total_steps):
@@ -373,16 +413,19 @@ def check_run(args, config, rank=0):
     config_file, state_file = os.path.join(args.out, "config.json"), os.path.join(args.out, "state.pt")
     say = print if rank == 0 else (lambda *_: None)
     if not os.path.exists(config_file):
-        if args.resume:
-            say(f"--resume: {args.out} holds no run yet; starting a new one", flush=True)
+        if args.resume:   # resuming nothing would start a run with every default flag
+            raise UserError(f"--resume: {args.out} holds no run (no config.json) to resume; start the run without "
+                            "--resume, or name the run's folder with --out")
+        if os.path.isdir(args.out) and any(f.endswith(".safetensors") for f in os.listdir(args.out)):
+            raise UserError(f"--out {args.out} holds weights (.safetensors) but no run: a model's folder? A run "
+                            "writes its own files there; choose an empty or new --out")
         return None
+    if not is_run_config(config_file):
+        raise UserError(f"--out {args.out} holds a config.json that is not a run's (a model's folder?); a run "
+                        "would write over it: choose another --out")
     if not os.path.exists(state_file):
-        checkpoints = sorted(f for f in os.listdir(args.out) if f.startswith("adapter-"))
-        if checkpoints:   # a run that checkpointed, and lost its state: starting over would mix two runs' files
-            raise UserError(f"{args.out} holds a run's checkpoints ({', '.join(checkpoints[-2:])}, ...) but no "
-                            "state.pt to resume from; restore state.pt, or remove the folder (or choose another "
-                            "--out) to start over")
-        # a start that failed or stopped before its first checkpoint: nothing to keep, so it starts over
+        # state.pt is a checkpoint's commit point: with none, nothing was committed (a start that stopped, or a
+        # full disk, before its first checkpoint), so the run starts from step 0 (begin sets aside what it left)
         say(f"{'--resume: ' if args.resume else 'note: '}{args.out} has no checkpoint (state.pt) yet; starting from "
             "step 0" + ("" if args.resume else " with these flags"), flush=True)
         return None
@@ -408,14 +451,52 @@ def check_run(args, config, rank=0):
     return read_state(state_file)
 
 
-def read_state(path):
-    """The resume state (step, adapter, optimizer). weights_only=True: tensors, numbers and lists only, so a
-    state.pt replaced by a pickle that would run code is refused, not executed."""
+def is_run_config(path):
+    """Whether a config.json is a run's (train.py's flags), not a model's (a Hugging Face folder's)."""
     try:
-        return torch.load(path, weights_only=True)
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return True   # unreadable: resumed_flags or the checks below say so
+    return isinstance(config, dict) and {"mix", "rollouts", "out"} <= config.keys()
+
+
+def read_state(path):
+    """The resume state (step, adapter, optimizer, calibration), checked before anything of the folder changes.
+    weights_only=True: tensors, numbers and lists only, so a state.pt replaced by a pickle that would run code is
+    refused, not executed; then its keys, types and values (a step of 0 or more, finite weights)."""
+    refuse = lambda why: UserError(f"{path} is not a resume state written by train.py ({why}); refusing to load "
+                                   "it: remove it to start over, or restore the run folder")
+    try:
+        state = torch.load(path, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a resume state written by train.py ({type(e).__name__}); refusing to load "
-                        "it: remove it to start over, or restore the run folder") from None
+        raise refuse(type(e).__name__) from None
+    if not isinstance(state, dict) or not {"step", "adapter", "optimizer"} <= state.keys():
+        raise refuse("it lacks a step, the adapter or the optimizer")
+    step, adapter = state["step"], state["adapter"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise refuse(f"its step is {step!r}")
+    if not isinstance(adapter, dict) or not adapter or not all(isinstance(t, torch.Tensor) for t in adapter.values()):
+        raise refuse("its adapter is not a set of tensors")
+    if not all(torch.isfinite(t).all() for t in adapter.values()):
+        raise refuse("its adapter holds weights that are not finite")
+    if not isinstance(state["optimizer"], dict) or not isinstance(state.get("calibration", []), list):
+        raise refuse("its optimizer or calibration is not what train.py writes")
+    return state
+
+
+def set_aside_uncommitted(folder, start):
+    """A checkpoint is committed by its state.pt: an adapter-<step> past the step resumed from was written by a
+    checkpoint that did not finish (a full disk, a stop between the two files) and is renamed *.incomplete, with
+    a line saying so; a temporary file left by a killed write (data.write_temporary's) is removed."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if re.fullmatch(r".+\.[0-9a-f]{8}\.tmp", name):
+            os.remove(path)
+        elif re.fullmatch(r"adapter-(\d+)\.safetensors", name) and int(name[8:-12]) > start:
+            os.replace(path, path + ".incomplete")
+            print(f"note: {name} was written by a checkpoint that did not finish (no state.pt for it); set aside "
+                  f"as {name}.incomplete, the run goes on from step {start}", flush=True)
 
 
 def save_checkpoint(args, model, optimizer, step, config, calibration):

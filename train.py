@@ -376,7 +376,7 @@ def train(args, rank=0, world=1):
         check_shares(args, len(pool), world)   # under torchrun: an equal share for every process
         model, tok, optimizer = build(args)
         pool, files = ready_questions(model, tok, pool, args, rank, folder.state is not None)
-        start, calibration = folder.restore(model, optimizer)   # step 0 and a fresh start, or the checkpoint's
+        start, calibration = folder.restore(model, optimizer, total_steps)   # step 0, or the checkpoint's
         end = max(start, min(total_steps, args.max_steps or total_steps))
         folder.begin(start, total_steps, files)   # everything is checked: from here on the run folder exists
         unlabeled_target = stability_target(args, calibration)   # refit() updates calibration in place
@@ -397,7 +397,7 @@ def train(args, rank=0, world=1):
                 done = step + 1
                 if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
                     folder.checkpoint(model, optimizer, done, calibration)
-        folder.finish(model, end, total_steps)
+            folder.finish(model, end, total_steps)   # inside: a stop while the adapter is written says so
 
 
 def ready_questions(model, tok, pool, args, rank, resuming):

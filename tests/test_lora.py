@@ -175,3 +175,17 @@ def test_adapter_metadata_and_a_peft_config_are_checked_before_use(tmp_path, tin
     assert lora.names_base("/elsewhere/checkout/tiny/model", "tiny")
     assert not lora.names_base("/elsewhere/checkout/other/model", "tiny")
     assert not lora.names_base("Qwen/Qwen3-8B", "Qwen/Qwen3-4B-Instruct-2507")
+
+
+def test_lora_py_replaces_only_a_peft_folder_it_wrote(tmp_path, tiny_tied):
+    """python lora.py ADAPTER FOLDER: a folder of someone's files is refused, never replaced (deleted)."""
+    model = with_random_adapter(tiny_tied, seed=0, rank=1, alpha=2.0)
+    lora.save_adapter(model, str(tmp_path / "a.safetensors"), step=1, config={})
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(UserError, match="photos holds files this project did not write \\(cat.jpg"):
+        lora.main([str(tmp_path / "a.safetensors"), str(tmp_path / "photos")])
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
+    lora.main([str(tmp_path / "a.safetensors"), str(tmp_path / "peft")])   # new, then its own: replaced
+    lora.main([str(tmp_path / "a.safetensors"), str(tmp_path / "peft")])
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -3,6 +3,7 @@ refused with one clear line."""
 
 import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -357,6 +358,67 @@ def test_a_tampered_resume_state_is_refused_not_run(tmp_path, tiny_tied):
     assert not (tmp_path / "pwned").exists()
 
 
+def snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+
+
+def test_a_run_folder_read_back_is_checked_like_input_and_a_refusal_changes_nothing(tmp_path, tiny_tied):
+    """config.json's values go through the flags' own checks (a changed batch, a NaN, a string); state.pt's
+    keys, types, step and weights are checked before anything of the folder changes (a negative step once
+    deleted the whole log)."""
+    questions = write_questions(tmp_path / "q.jsonl", n=4)
+    run = tmp_path / "r"
+    args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "2", "--batch", "4",
+            "--rollouts", "2", "--max-new-tokens", "4", "--out", str(run), "--ckpt", str(tmp_path / "c"),
+            "--max-steps", "1"]
+    train.main(args)
+    config = json.loads((run / "config.json").read_text())
+    for key, value, said in (("batch", 0, "argument --batch: must be at least 1, got 0"),
+                             ("lr", float("nan"), "argument --lr: must be a finite number, got nan"),
+                             ("batch", "eight", "argument --batch: must be an integer, got 'eight'"),
+                             ("correct_weight", float("inf"), "argument --correct-weight: must be a finite number")):
+        (run / "config.json").write_text(json.dumps({**config, key: value}))
+        before = snapshot(run)
+        with pytest.raises(UserError, match=rf"config.json holds a value its flag refuses \({said}"):
+            train.main(["--out", str(run), "--resume"])
+        assert snapshot(run) == before
+    (run / "config.json").write_text(json.dumps(config))
+    state = torch.load(run / "state.pt", weights_only=True)
+    for broken, said in (({**state, "step": -3}, "its step is -3"), ({"step": 1}, "it lacks a step, the adapter"),
+                         ({**state, "step": "1"}, "its step is '1'"),
+                         ({**state, "adapter": {k: v * float("nan") for k, v in state["adapter"].items()}},
+                          "its adapter holds weights that are not finite")):
+        torch.save(broken, run / "state.pt")
+        before = snapshot(run)
+        with pytest.raises(UserError, match=rf"state.pt is not a resume state written by train.py \({said}"):
+            train.main(["--out", str(run), "--resume"])
+        assert snapshot(run) == before   # the log of the steps done is still whole
+    torch.save({**state, "step": 10**9}, run / "state.pt")
+    before = snapshot(run)
+    with pytest.raises(UserError, match="state.pt is at step 1000000000, past the run's 2"):
+        train.main(["--out", str(run), "--resume"])
+    assert snapshot(run) == before
+    torch.save(state, run / "state.pt")
+    train.main(["--out", str(run), "--resume"])   # restored: it goes on
+    assert [r["step"] for r in records(run)] == [0, 1]
+
+
+def test_a_run_writes_over_nothing_it_did_not_write(tmp_path, tiny_tied):
+    """--out on a model's folder, a PEFT folder over someone's folder: refused before anything is written."""
+    questions = write_questions(tmp_path / "q.jsonl", n=4)
+    flags = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "1", "--batch", "4",
+             "--rollouts", "2", "--max-new-tokens", "4"]
+    model_folder = snapshot(type(tmp_path)(tiny_tied))
+    with pytest.raises(UserError, match="holds a config.json that is not a run's \\(a model's folder\\?\\)"):
+        train.main(flags + ["--out", tiny_tied, "--ckpt", str(tmp_path / "c.safetensors")])
+    assert snapshot(type(tmp_path)(tiny_tied)) == model_folder
+    (tmp_path / "c-peft").mkdir()
+    (tmp_path / "c-peft" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="c-peft holds files this project did not write \\(notes.txt"):
+        train.main(flags + ["--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "c.safetensors")])
+    assert (tmp_path / "c-peft" / "notes.txt").read_text() == "mine" and not (tmp_path / "r").exists()
+
+
 def test_chunked_logprobs_give_the_same_values_and_gradients(tiny_untied, monkeypatch):
     model = lora.add_lora(load_model(tiny_untied))
     for m in lora.lora_layers(model):
@@ -536,22 +598,38 @@ def test_ctrl_c_says_where_the_run_can_resume_from(tmp_path, formatted, monkeypa
 
 def test_resume_without_a_run_and_a_replaced_ckpt_are_said(tmp_path, formatted, capsys):
     model, questions = formatted
-    (tmp_path / "c.safetensors").write_text("an older adapter")
+    with pytest.raises(UserError, match=r"--resume: .*r holds no run \(no config.json\) to resume; start the run "
+                                        "without --resume"):
+        train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))   # not a run of every default
+    (tmp_path / "c.safetensors").write_text("someone's file")
+    with pytest.raises(UserError, match=r"--ckpt .*c.safetensors exists and is not an adapter this project wrote"):
+        train.main(small(tmp_path, model, questions, tmp_path / "r"))
+    assert (tmp_path / "c.safetensors").read_text() == "someone's file" and not (tmp_path / "r").exists()
+    os.remove(tmp_path / "c.safetensors")
+    train.main(small(tmp_path, model, questions, tmp_path / "r"))
+    train.main(small(tmp_path, model, questions, tmp_path / "r2"))   # an adapter of ours is replaced, and said so
+    assert "--ckpt " + str(tmp_path / "c.safetensors") + " exists; this run replaces it" in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_committed_by_its_state_and_an_unfinished_one_is_set_aside(tmp_path, formatted, capsys):
+    """state.pt is a checkpoint's commit point: adapters without it (a full disk or a stop between the two
+    files) are set aside with a line, and the run goes on from the last committed step, or from 0."""
+    model, questions = formatted
+    train.main(small(tmp_path, model, questions, tmp_path / "r", "--max-steps", "1"))
+    shutil.copy(tmp_path / "r" / "adapter-00001.safetensors", tmp_path / "r" / "adapter-00002.safetensors")
+    (tmp_path / "r" / "state.pt.0badc0de.tmp").write_bytes(b"half")   # a write killed mid-way
     train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
     out = capsys.readouterr().out
-    assert f"--resume: {tmp_path / 'r'} holds no run yet; starting a new one" in out
-    assert "--ckpt " + str(tmp_path / "c.safetensors") + " exists; this run replaces it" in out
-    os.remove(tmp_path / "r" / "state.pt")   # half deleted: checkpoints and a log, no state to resume from
-    with pytest.raises(UserError, match=r"r holds a run's checkpoints \(adapter-00001.safetensors, adapter-00002"
-                                        r".safetensors, ...\) but no state.pt to resume from; restore state.pt, or "
-                                        "remove the folder"):
-        train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
-    assert len(records(tmp_path / "r")) == 2   # nothing was cut
-    for name in os.listdir(tmp_path / "r"):   # a run stopped before its first checkpoint: only a log to drop
-        if name.startswith("adapter-"):
-            os.remove(tmp_path / "r" / name)
+    assert "adapter-00002.safetensors was written by a checkpoint that did not finish" in out
+    names = os.listdir(tmp_path / "r")   # the step redone checkpointed again
+    assert {"adapter-00002.safetensors.incomplete", "adapter-00002.safetensors"} <= set(names)
+    assert not any(n.endswith(".tmp") for n in names)
+    assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
+    os.remove(tmp_path / "r" / "state.pt")   # no commit at all: from step 0, the checkpoints set aside
     train.main(small(tmp_path, model, questions, tmp_path / "r", "--resume"))
-    assert "has no checkpoint (state.pt) yet; starting from step 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "has no checkpoint (state.pt) yet; starting from step 0" in out and "set aside" in out
+    assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
 
 
 def test_a_question_too_long_for_the_model_is_named(tmp_path, tiny_tied):
