@@ -61,6 +61,8 @@ from parallel import all_reduce_gradients, check_shares, distributed, gather
 from rollout import check_length, generate, left_pad, seed_of, token_logprobs
 
 LOGIT_CHUNK = 512   # tokens whose 151,936-word logits exist at once in the learning step (fp32)
+STALLED_STEPS = 20   # steps in a row with every advantage 0 after which a run stops: it can learn nothing
+SHORTEST_RESPONSE = "Answer: A\nConfidence: 50%"   # what --max-new-tokens must hold for a reward to be earned
 
 
 @dataclass
@@ -381,6 +383,7 @@ def train(args, rank=0, world=1):
         folder.begin(start, total_steps, files)   # everything is checked: from here on the run folder exists
         unlabeled_target = stability_target(args, calibration)   # refit() updates calibration in place
 
+        stalled = 0   # steps in a row whose every advantage was 0
         with folder.interruptions():
             for step in folder.steps(start, end, total_steps):
                 epoch, step_indices = step_questions(args, len(pool), step, steps_per_epoch)
@@ -393,11 +396,28 @@ def train(args, rank=0, world=1):
                 shares = gather(share)
                 if args.stability_target == "platt":
                     refit(calibration, shares)
-                folder.log({"step": step, "epoch": epoch, "mix": mix, **step_record(shares)})
+                record = step_record(shares)
+                folder.log({"step": step, "epoch": epoch, "mix": mix, **record})
+                stalled = stalled + 1 if record["same_reward_share"] == 1 else 0
+                if stalled == STALLED_STEPS:
+                    raise UserError(stalled_run(args, record, step, folder.saved))
                 done = step + 1
                 if done % args.save_every == 0 or done % steps_per_epoch == 0 or done == end:
                     folder.checkpoint(model, optimizer, done, calibration)
             folder.finish(model, end, total_steps)   # inside: a stop while the adapter is written says so
+
+
+def stalled_run(args, record, step, saved):
+    """The line that stops a run in which no step moves the policy: what was seen, and its likely cause."""
+    if record["parse_failure_rate"] == 1:
+        cause = (f"no response states an answer and a confidence: --max-new-tokens {args.max_new_tokens} may cut "
+                 f"them (the last step's {record['tokens']} tokens), or the weights have diverged (a --lr of "
+                 f"{args.lr:g} too high)")
+    else:
+        cause = (f"each question's {args.rollouts} rollouts get one reward: they are one answer (a --temperature of "
+                 f"{args.temperature:g} too low), or all fail the format")
+    return (f"{STALLED_STEPS} steps in a row, to step {step}, had every advantage 0, so nothing is learned: {cause}. "
+            f"{args.out} holds the run up to step {saved}; start again in a new --out with other flags")
 
 
 def ready_questions(model, tok, pool, args, rank, resuming):
@@ -406,6 +426,11 @@ def ready_questions(model, tok, pool, args, rank, resuming):
     Returns (pool, the files the run folder keeps: the model's paraphrases, written once)."""
     check_length(model, [tok.chat(calib.messages(q["question"])) for q in pool], args.max_new_tokens,
                  [q["question"] for q in pool])
+    shortest = len(tok.encode(SHORTEST_RESPONSE)) + 1   # and its stop token
+    if args.max_new_tokens < shortest:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} cannot hold the shortest response that earns a "
+                        f"reward ({SHORTEST_RESPONSE!r} is {shortest} tokens with its stop): every rollout would be "
+                        f"cut and score 0; use --max-new-tokens {shortest} at least")
     if args.paraphrases == 1:
         return pool, {}
     pool = data.with_paraphrases(model, tok, pool, args, rank, resuming)

@@ -41,7 +41,7 @@ def grid(monkeypatch):
 
 def argv(tmp_path, model, questions, *extra):
     return ["two", "--model", model, "--dataset", questions, "--n", "6", "--out", str(tmp_path / "grid"),
-            "--train-args=--max-new-tokens 10", "--eval-args=--max-new-tokens 10 --bootstrap 20", *extra]
+            "--train-args=--max-new-tokens 14", "--eval-args=--max-new-tokens 10 --bootstrap 20", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def two_seeds(formatted, tmp_path_factory):
         define_grid(monkeypatch)
         train.main(["--model", model, "--dataset", questions, *TINY_RUN, "--seed", "1", "--out",
                     str(out / "T-seed1"), "--ckpt", str(out / "T-seed1" / "final.safetensors"), "--max-new-tokens",
-                    "10", "--max-steps", "1"])
+                    "14", "--max-steps", "1"])
         experiments.main(argv(tmp_path, model, questions, "--seeds", "2"))
     return out
 

@@ -194,7 +194,7 @@ def test_sampler_and_learner_are_one_policy_in_bf16():
 
 def train_run(tmp_path, model, questions, *extra, out="run"):
     argv = ["--model", model, "--dataset", questions, "--data", "16", "--epochs", "2", "--batch", "4",
-            "--rollouts", "4", "--max-new-tokens", "12", "--lr", "5e-3", "--save-every", "3", "--out",
+            "--rollouts", "4", "--max-new-tokens", "14", "--lr", "5e-3", "--save-every", "3", "--out",
             str(tmp_path / out), "--ckpt", str(tmp_path / f"{out}.safetensors"), *extra]
     train.main(argv)
     return tmp_path / out
@@ -303,7 +303,7 @@ def test_mix_schedule_moves_the_labeled_share_linearly(tmp_path, formatted):
     assert log[0]["labeled_share"] == 1.0 and log[-1]["labeled_share"] == 0.0
     assert json.load(open(folder / "config.json"))["mix_schedule"] == [1.0, 0.0]
     train.main(["--model", model_dir, "--dataset", questions, "--data", "24", "--batch", "8", "--epochs", "1",
-                "--rollouts", "2", "--max-new-tokens", "12", "--lr", "5e-3", "--save-every", "9", "--out",
+                "--rollouts", "2", "--max-new-tokens", "14", "--lr", "5e-3", "--save-every", "9", "--out",
                 str(folder), "--ckpt", str(tmp_path / "again.safetensors"), "--mix-schedule", "1:0", "--resume"])
     assert len(records(folder)) == 3   # the finished run's config.json matches on resume
 
@@ -322,7 +322,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
     with pytest.raises(UserError, match="--data 11 is larger than the pool.*10 training questions"):
         train.main(["--model", tiny_tied, "--dataset", questions, "--data", "11", "--out", str(tmp_path / "r")])
     args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "1", "--batch", "4",
-            "--rollouts", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "c")]
+            "--rollouts", "2", "--max-new-tokens", "14", "--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "c")]
     train.main(args)
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         train.main(args)
@@ -344,7 +344,7 @@ def test_a_tampered_resume_state_is_refused_not_run(tmp_path, tiny_tied):
     """state.pt is read with weights_only=True: a pickle that would run code is refused with one line."""
     questions = write_questions(tmp_path / "q.jsonl", n=4)
     args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "2", "--batch", "4",
-            "--rollouts", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "c"),
+            "--rollouts", "2", "--max-new-tokens", "14", "--out", str(tmp_path / "r"), "--ckpt", str(tmp_path / "c"),
             "--max-steps", "1"]
     train.main(args)
 
@@ -369,7 +369,7 @@ def test_a_run_folder_read_back_is_checked_like_input_and_a_refusal_changes_noth
     questions = write_questions(tmp_path / "q.jsonl", n=4)
     run = tmp_path / "r"
     args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "2", "--batch", "4",
-            "--rollouts", "2", "--max-new-tokens", "4", "--out", str(run), "--ckpt", str(tmp_path / "c"),
+            "--rollouts", "2", "--max-new-tokens", "14", "--out", str(run), "--ckpt", str(tmp_path / "c"),
             "--max-steps", "1"]
     train.main(args)
     config = json.loads((run / "config.json").read_text())
@@ -407,7 +407,7 @@ def test_a_run_writes_over_nothing_it_did_not_write(tmp_path, tiny_tied):
     """--out on a model's folder, a PEFT folder over someone's folder: refused before anything is written."""
     questions = write_questions(tmp_path / "q.jsonl", n=4)
     flags = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "1", "--batch", "4",
-             "--rollouts", "2", "--max-new-tokens", "4"]
+             "--rollouts", "2", "--max-new-tokens", "14"]
     model_folder = snapshot(type(tmp_path)(tiny_tied))
     with pytest.raises(UserError, match="holds a config.json that is not a run's \\(a model's folder\\?\\)"):
         train.main(flags + ["--out", tiny_tied, "--ckpt", str(tmp_path / "c.safetensors")])
@@ -497,7 +497,7 @@ def test_output_paths_are_checked_before_anything_is_loaded(tmp_path, monkeypatc
 
 def small(tmp_path, model, questions, out="r", *extra, ckpt=None):
     return ["--model", model, "--dataset", questions, "--data", "8", "--epochs", "1", "--batch", "4",
-            "--rollouts", "2", "--max-new-tokens", "8", "--lr", "5e-3", "--save-every", "1", "--out", str(out),
+            "--rollouts", "2", "--max-new-tokens", "14", "--lr", "5e-3", "--save-every", "1", "--out", str(out),
             "--ckpt", str(ckpt or tmp_path / "c.safetensors"), *extra]
 
 
@@ -833,3 +833,21 @@ def test_the_eager_decode_and_learning_step_are_pinned(tmp_path):
     log = data.read_records(tmp_path / "r" / "metrics.jsonl")
     assert [(r["tokens"], r["reward"], float(f"{r['loss']:.5g}")) for r in log] == [
         (718, 0.9163055211442923, 0.00017948), (767, 0.8575975586494073, -0.022364)]
+
+
+def test_a_run_that_cannot_learn_says_so_instead_of_finishing(tmp_path, formatted):
+    """A run must not end 'adapter written' having learned nothing: a --max-new-tokens too short to hold an
+    answer and a confidence is refused before anything is written; a --temperature so low that a question's
+    rollouts are one answer stops the run after STALLED_STEPS steps of advantages all 0, naming the cause."""
+    model, questions = formatted
+    flags = ["--model", model, "--dataset", questions, "--data", "24", "--epochs", "1", "--batch", "1",
+             "--rollouts", "2", "--ckpt", str(tmp_path / "c.safetensors")]
+    with pytest.raises(UserError, match=r"--max-new-tokens 1 cannot hold the shortest response that earns a reward"):
+        train.main(flags + ["--max-new-tokens", "1", "--out", str(tmp_path / "short")])
+    assert not (tmp_path / "short").exists()
+    with pytest.raises(UserError, match=rf"{train.STALLED_STEPS} steps in a row, to step {train.STALLED_STEPS - 1}, "
+                                        r"had every advantage 0, so nothing is learned: .*a --temperature of 1e-06 "
+                                        r"too low"):   # the embedded model: its answers parse
+        train.main(["--model", "tiny", "--dataset", "tiny", *flags[4:], "--max-new-tokens", "40", "--temperature",
+                    "1e-6", "--out", str(tmp_path / "cold")])
+    assert len(records(tmp_path / "cold")) == train.STALLED_STEPS and not (tmp_path / "c.safetensors").exists()
