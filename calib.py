@@ -274,11 +274,18 @@ def logistic_fit(X, y, l2=1.0, steps=25):
     return w[:-1], w[-1]
 
 
-def probe_scores(X, y, folds=5, l2=1.0, seed=0):
+PROBE_FOLDS, PROBE_MIN_CLASS = 5, 5   # a probe needs this many right and wrong answers: one per fold at least
+
+
+def probe_scores(X, y, folds=PROBE_FOLDS, l2=1.0, seed=0):
     """What a linear probe on features X (one row per question) knows of y, cross-validated: the questions are
     split into `folds` seeded folds, and each fold is scored by a probe fitted on the others alone (the
-    features standardized with those folds' mean and sd). Returns each question's out-of-fold P(y = 1 | x)."""
+    features standardized with those folds' mean and sd). Returns each question's out-of-fold P(y = 1 | x), or
+    None when y has fewer than PROBE_MIN_CLASS of either class: too few to fit and score, so no figure at all
+    rather than one made of noise (an AUROC of 0.000 from a handful of questions)."""
     X, y = np.asarray(X, float), np.asarray(y, float)
+    if min(y.sum(), len(y) - y.sum()) < PROBE_MIN_CLASS:
+        return None
     fold = np.random.default_rng([seed, 4]).permutation(len(y)) % folds
     scores = np.empty(len(y))
     for k in range(folds):
@@ -331,11 +338,18 @@ def metrics(confidence, correct, abstained):
     }
 
 
+MIN_BASE_RATE_GROUP = 20   # questions a group needs for its accuracy to be a base rate, not a label leak
+
+
 def grouped_auroc(values, correct, groups):
     """Discrimination within groups (kinds of question, say) and the bar it must clear: (the count-weighted mean
     of each group's AUROC, over the groups where it is defined; the AUROC of each group's accuracy used as the
-    value). A value that knows no more than the group its question belongs to reaches the second, not more."""
-    values, correct, groups = np.asarray(values, float), np.asarray(correct, bool), np.asarray(groups)
+    value). A value that knows no more than the group its question belongs to reaches the second, not more.
+    Groups are compared as text (values of mixed types group as they print). The second is NaN when a group holds
+    fewer than MIN_BASE_RATE_GROUP questions: a group's accuracy read off the few answers it then scores is
+    their correctness itself (one question a group: a perfect 1.0), a leak, not a base rate."""
+    values, correct = np.asarray(values, float), np.asarray(correct, bool)
+    groups = np.asarray([str(g) for g in groups])
     within, weights, rate = [], [], np.empty(len(values))
     for g in np.unique(groups):
         member = groups == g
@@ -344,7 +358,9 @@ def grouped_auroc(values, correct, groups):
         if not np.isnan(a):
             within.append(a)
             weights.append(member.sum())
-    return (float(np.average(within, weights=weights)) if within else float("nan")), auroc(rate, correct)
+    sizes = np.unique(groups, return_counts=True)[1]
+    base = auroc(rate, correct) if len(sizes) and sizes.min() >= MIN_BASE_RATE_GROUP else float("nan")
+    return (float(np.average(within, weights=weights)) if within else float("nan")), base
 
 
 def bootstrap(records, figures, resamples=1000, seed=0):

@@ -9,6 +9,7 @@ intervals, reliability diagrams, stability analysis, and side-by-side comparison
 """
 
 import argparse
+import collections
 import io
 import json
 import os
@@ -198,10 +199,15 @@ def probe_features(model, prompts, completions):
 
 
 def add_probe_scores(records, seed):
-    """--probe: each record's out-of-fold probe scores (calib.probe_scores) in place of its hidden states."""
+    """--probe: each record's out-of-fold probe scores (calib.probe_scores) in place of its hidden states; none,
+    and a line saying why, when the answers hold too few right or wrong ones to fit a probe."""
     correct = [r["correct"] for r in records]
     for position in ("prompt", "answer"):
         scores = calib.probe_scores([r.pop(f"hidden_{position}") for r in records], correct, seed=seed)
+        if scores is None:
+            print(f"note: --probe: {sum(correct)} right and {len(correct) - sum(correct)} wrong answers; a probe "
+                  f"needs {calib.PROBE_MIN_CLASS} of each, so it gives no figure here")
+            continue
         for r, score in zip(records, scores):
             r[f"probe_{position}"] = float(score)
 
@@ -213,9 +219,9 @@ def summarize(records, args):
         if args.bootstrap else {}
     if args.group_by:
         result["groups"] = {}
-        for g in sorted({r[args.group_by] for r in records}, key=str):
-            m = figures([r for r in records if r[args.group_by] == g], args.group_by)
-            result["groups"][str(g)] = {k: m[k] for k in GROUP_TABLE if k in m}
+        for g in sorted({str(r[args.group_by]) for r in records}):   # as text: values of mixed types too
+            m = figures([r for r in records if str(r[args.group_by]) == g], args.group_by)
+            result["groups"][g] = {k: m[k] for k in GROUP_TABLE if k in m}
     return result
 
 
@@ -241,7 +247,7 @@ def figures(records, group_by=None):
         if group_by:
             result["stability_auroc_within_group"] = calib.grouped_auroc(
                 stability, correct, [r[group_by] for r in records])[0]
-    for position in ("prompt", "answer") if "probe_prompt" in records[0] else ():   # --probe: every response
+    for position in [p for p in ("prompt", "answer") if f"probe_{p}" in records[0]]:   # --probe: every response
         scores = [r[f"probe_{position}"] for r in records]
         result[f"auroc_probe_{position}"] = calib.auroc(scores, correct)
         if group_by:
@@ -458,6 +464,16 @@ def evaluate(args, rank=0):
         one = [k for k, v in questions[0].items() if not isinstance(v, (list, dict))]
         raise UserError(f"--group-by {args.group_by}: its values are lists, not one group per question; group by "
                         f"one of: {', '.join(sorted(one))}")
+    if args.group_by:   # said before the answers: what the figures will leave out
+        sizes = collections.Counter(str(q[args.group_by]) for q in questions)
+        small = sum(n < calib.MIN_BASE_RATE_GROUP for n in sizes.values())
+        if small:
+            print(f"note: --group-by {args.group_by}: {small} of {len(sizes)} groups hold fewer than "
+                  f"{calib.MIN_BASE_RATE_GROUP} questions; the AUROC of per-group accuracy is left out (a group's "
+                  "accuracy read off its few answers is their correctness: a leak, not a base rate)")
+    if args.probe and len(questions) < calib.PROBE_FOLDS:   # too few right or wrong answers: said after them
+        raise UserError(f"--probe cross-validates in {calib.PROBE_FOLDS} folds: --questions {len(questions)} cannot "
+                        f"fill them; evaluate {2 * calib.PROBE_MIN_CLASS} questions at least (right and wrong ones)")
 
     records, results = {}, {}
     for checkpoint in args.checkpoints or [None]:

@@ -151,6 +151,9 @@ def test_grouped_auroc_within_groups_and_the_base_rate_bar():
     values = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.9]
     correct = [1, 1, 1, 0, 1, 0, 0, 0]
     groups = ["a"] * 4 + ["b"] * 4
+    k = calib.MIN_BASE_RATE_GROUP // 4   # each group repeated to the size a base rate needs: the same AUROCs
+    values, correct, groups = values[:4] * k + values[4:] * k, correct[:4] * k + correct[4:] * k, \
+        groups[:4] * k + groups[4:] * k
     within, base = calib.grouped_auroc(values, correct, groups)
     assert within == pytest.approx((1.0 * 4 + 0.0 * 4) / 8)
     # base rate: 0.75 for a, 0.25 for b: right answers 3 in a, 1 in b; wrong 1 in a, 3 in b
@@ -159,6 +162,13 @@ def test_grouped_auroc_within_groups_and_the_base_rate_bar():
     # a group with one class only has no AUROC and no weight
     within, _ = calib.grouped_auroc([0.9, 0.1, 0.5, 0.6], [1, 0, 1, 1], ["a", "a", "b", "b"])
     assert within == pytest.approx(1.0)
+    # one question a group: its accuracy is its correctness, a perfect "base rate" that is a leak: none given
+    within, base = calib.grouped_auroc([0.5] * 40, [i % 2 for i in range(40)], list(range(40)))
+    assert np.isnan(within) and np.isnan(base)
+    # values of mixed types group as text, None and numbers beside strings
+    mixed = [None, 1, "x", 2.5] * 10
+    within, base = calib.grouped_auroc([i / 40 for i in range(40)], [i % 3 == 0 for i in range(40)], mixed)
+    assert np.isfinite(within) and np.isnan(base)   # groups of 10: no base rate
 
 
 def test_selective_prediction_and_the_brier_decomposition_by_hand():

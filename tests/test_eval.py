@@ -88,6 +88,8 @@ def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tm
     seen = []
     real = evaluation.probe_features
     monkeypatch.setattr(evaluation, "probe_features", lambda *a: seen.append(a) or real(*a))
+    # the test model answers 1 of these 24 right: too few for a figure (the next test), enough for the mechanics
+    monkeypatch.setattr(calib, "PROBE_MIN_CLASS", 1)
     out = tmp_path / "eval"
     evaluation.main(["--model", model_dir, "--dataset", questions, "--n", "24", "--probe", "--max-new-tokens", "16",
                    "--bootstrap", "20", "--out", str(out)])
@@ -113,6 +115,20 @@ def test_probe_scores_every_question_out_of_fold_beside_the_stated_confidence(tm
         assert np.allclose(at_prompt, h[len(prompt) - 1].numpy(), atol=1e-5)
         assert np.allclose(at_answer, h[-1].numpy(), atol=1e-5)
     assert "headroom" in capsys.readouterr().out
+
+
+def test_a_probe_of_too_few_answers_gives_no_figure_and_says_why(tmp_path, formatted, capsys):
+    """No AUROC made of noise: fewer questions than a probe needs are refused before any answer; too few right
+    or wrong answers among them leave the probe's figures out, with a line saying why."""
+    model_dir, questions = formatted
+    flags = ["--model", model_dir, "--dataset", questions, "--probe", "--max-new-tokens", "16", "--bootstrap", "20"]
+    with pytest.raises(UserError, match="--probe cross-validates in 5 folds: --questions 4 cannot fill them"):
+        evaluation.main(flags + ["--n", "4", "--out", str(tmp_path / "four")])
+    evaluation.main(flags + ["--n", "24", "--out", str(tmp_path / "e")])
+    base = json.load(open(tmp_path / "e" / "metrics.json"))["base"]
+    assert base["accuracy"] * 24 < calib.PROBE_MIN_CLASS   # this model: too few right answers
+    assert not any(key.startswith("auroc_probe") or "probe" in key for key in base) and "no figure here" in \
+        capsys.readouterr().out
 
 
 def test_nonsense_eval_flags_are_refused_before_anything_runs(tmp_path, formatted, capsys):
