@@ -25,7 +25,7 @@ import data
 import lora
 import reward
 from cli import UserError
-from model import ChatTokenizer, load_model, model_id
+from model import ChatTokenizer, check_fits, load_model, model_id
 from parallel import distributed, gather, rank_and_world
 from rollout import check_length, generate, left_pad, seed_of
 
@@ -143,7 +143,9 @@ def load_system(checkpoint, args):
     if checkpoint is not None:
         lora.load_adapter(model, checkpoint)
         lora.merge(model)   # fp32: one matmul per layer; bf16 keeps W x + s up(down(x)), the model exactly as trained
-    return model, ChatTokenizer(base)
+    tok = ChatTokenizer(base)
+    check_fits(model, tok)
+    return model, tok
 
 
 def answer_all(model, tok, questions, args, label):
@@ -481,7 +483,12 @@ def evaluate(args, rank=0):
         model, tok = load_system(checkpoint, args)
         check_length(model, [tok.chat(calib.messages(q["question"], args.prompt)) for q in questions],
                      args.max_new_tokens, [q["question"] for q in questions])
-        records[label] = answer_all(model, tok, questions, args, label)
+        try:
+            records[label] = answer_all(model, tok, questions, args, label)
+        except FloatingPointError:   # NaN or inf logits: no answer of them is one
+            source = checkpoint or args.model or "the base model"
+            raise UserError(f"the logits of {label} are not finite: the weights of {source} (or of its adapter) hold "
+                            "NaN or inf; nothing was written") from None
         if args.probe:
             add_probe_scores(records[label], args.seed)
         del model

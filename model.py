@@ -14,6 +14,7 @@ this file against it, logit for logit.
 """
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields
@@ -68,8 +69,24 @@ class Qwen3Config:
         values = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         for f in fields(cls):
             if f.name in values and not _fits(values[f.name], f.type):
-                raise UserError(f"config.json: {f.name} must be {f.type.__name__}, got {values[f.name]!r}")
-        return cls(**values)
+                raise UserError(f"config.json: {f.name} must be {f.type.__name__}, got {repr(values[f.name])[:80]}")
+        cfg = cls(**values)
+        for name in SIZES:   # checked before anything is built: a model of 100,000 layers would take all night
+            value, most = getattr(cfg, name), MAX_LAYERS if name == "num_hidden_layers" else MAX_SIZE
+            if not 1 <= value <= most:
+                raise UserError(f"config.json: {name} is {value}; it must be from 1 to {most}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+                raise UserError(f"config.json: {name} is {getattr(cfg, name)}; it must be a finite number above 0")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise UserError(f"config.json: {cfg.num_attention_heads} attention heads do not share "
+                            f"{cfg.num_key_value_heads} key/value heads evenly")
+        return cfg
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+MAX_SIZE, MAX_LAYERS = 1 << 24, 1000   # far above any Qwen3; bounds what a config.json can make us build
 
 
 def _fits(value, kind):
@@ -354,6 +371,9 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise UserError(f"{index} has no weight_map of tensor names to shard files")
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if not inside_folder(path, f)]
+        if outside:   # a shard is a file of the model's folder, never one elsewhere on the machine
+            raise UserError(f"{index} names a shard outside the model's folder ({outside[0][:80]!r}); refusing it")
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -367,12 +387,23 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
             state.update(load_file(file))
         except Exception as e:   # safetensors' own error: a truncated or corrupt file
             raise UserError(f"cannot read {file}: {e}; download it again") from None
+    layers = {int(k.split(".")[2]) for k in state if re.match(r"model\.layers\.\d+\.", k)}
+    if len(layers) != cfg.num_hidden_layers:   # before the model is built at config.json's size
+        raise UserError(f"config.json of {path} says {cfg.num_hidden_layers} layers; its weights hold "
+                        f"{len(layers)}: they are not one model")
     try:
         model = from_state_dict(cfg, state)
     except RuntimeError as e:
-        raise UserError(f"weights in {path} do not fit a Qwen3 of its config.json: {str(e).splitlines()[1]}") from None
+        raise UserError(f"weights in {path} do not fit a Qwen3 of its config.json: "
+                        f"{str(e).splitlines()[1].strip()[:300]}") from None
     model.name_or_path = model_id(name_or_path)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def inside_folder(folder, name):
+    """Whether `name`, a path from a file of `folder`, names a file inside it (links resolved)."""
+    real = os.path.realpath(folder)
+    return os.path.commonpath([real, os.path.realpath(os.path.join(folder, name))]) == real
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,10 +439,14 @@ class ChatTokenizer:
         self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
         # Stop tokens: every end-of-sequence id the model's files name (Qwen3: <|im_end|> and <|endoftext|>).
-        stop = set()
+        stop, size = set(), self.tok.get_vocab_size()
         for name in ("generation_config.json", "config.json"):
             eos = read_json(os.path.join(path, name)).get("eos_token_id")
-            stop.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size for i in ids):
+                raise UserError(f"{os.path.join(path, name)}: eos_token_id {str(eos)[:80]} is not a token id of "
+                                f"its tokenizer (integers from 0 to {size - 1})")
+            stop.update(ids)
         if self.special["eos_token"] is not None:
             stop.add(self.tok.token_to_id(self.special["eos_token"]))
         self.stop_ids = sorted(i for i in stop if i is not None)
@@ -437,6 +472,13 @@ class ChatTokenizer:
         except jinja2.TemplateError as e:
             raise UserError(f"the chat template in {self.template_file} fails: {e}") from None
         return self.encode(text)
+
+
+def check_fits(model, tok):
+    """A tokenizer whose ids the model can read: every id below the model's vocabulary (its embedding's rows)."""
+    if tok.tok.get_vocab_size() > model.cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.tok.get_vocab_size()} tokens and the model {model.cfg.vocab_size}: "
+                        f"they are not one model's (a tokenizer.json from another model?)")
 
 
 def compile_template(text):

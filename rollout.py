@@ -43,8 +43,8 @@ DIVERGED = "the policy's logits are not finite (its weights have diverged)"
 def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     """sample's draw, with no host sync: (tokens (B,), whether every row's logits were finite, a 0-d bool tensor
     the caller checks when it looks). What a compiled or captured decode step calls."""
-    if temperature == 0:   # greedy: the argmax, unchecked
-        return logits.argmax(-1), torch.ones((), dtype=torch.bool, device=logits.device)
+    if temperature == 0:   # greedy: the argmax, of logits that must be finite too (NaN's argmax is a word)
+        return logits.argmax(-1), torch.isfinite(logits).all()
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature

@@ -56,7 +56,7 @@ import lora
 import reward
 import run
 from cli import UserError
-from model import ChatTokenizer, KVCache, load_model
+from model import ChatTokenizer, KVCache, check_fits, load_model
 from parallel import all_reduce_gradients, check_shares, distributed, gather
 from rollout import check_length, generate, left_pad, seed_of, token_logprobs
 
@@ -365,7 +365,9 @@ def build(args):
     model = load_model(args.model, getattr(torch, args.dtype), args.device)
     lora.add_lora(model, args.rank, args.alpha, args.targets.split(","))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    return model, ChatTokenizer(args.model), optimizer
+    tok = ChatTokenizer(args.model)
+    check_fits(model, tok)
+    return model, tok, optimizer
 
 
 def train(args, rank=0, world=1):

@@ -313,3 +313,21 @@ def test_an_evaluation_stopped_while_it_writes_leaves_the_old_result_or_none_nev
     with pytest.raises(UserError, match="reliability.png is a symbolic link"):
         evaluation.main(flags("8"))
     assert not (tmp_path / "elsewhere.png").exists() and (out / "metrics.json").read_bytes() == old["metrics.json"]
+
+
+def test_an_evaluation_of_weights_that_are_not_finite_is_an_error_not_a_score(tmp_path, tiny_tied):
+    """NaN weights once gave accuracy 0.000 and exit 0: the argmax of NaN logits is a word. Now one line."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "nan-model"
+    shutil.copytree(tiny_tied, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Q{i}?", "answers": ["Paris"]}) + "\n" for i in range(3)))
+    with pytest.raises(UserError, match="the logits of base are not finite: the weights of .*nan-model .*hold NaN"):
+        evaluation.main(["--model", str(folder), "--dataset", str(questions), "--max-new-tokens", "4",
+                         "--out", str(tmp_path / "e")])
+    assert not (tmp_path / "e" / "metrics.json").exists()

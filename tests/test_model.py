@@ -1,6 +1,7 @@
 """model.py against transformers: logits, greedy generation, chat prompt, loading and its errors."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -185,3 +186,45 @@ def test_every_model_file_that_is_broken_is_named_in_one_line(tmp_path, tiny_tie
         load_model(str(tmp_path / "a-file"))
     with pytest.raises(UserError, match="model not found: './nope' is neither a local directory nor a hub id"):
         load_model("./nope")
+
+
+def test_a_model_folder_is_checked_before_it_is_built(tmp_path, tiny_tied):
+    """config.json's sizes and numbers, its agreement with the weights, the shards' places, the token ids: each
+    wrong one is one bounded line, before a model of its size is built (100,000 layers took all night)."""
+    from model import check_fits, read_json
+
+    def edit_json(file, **values):
+        return lambda folder: (folder / file).write_text(json.dumps({**read_json(str(folder / file)), **values}))
+
+    def shard_elsewhere(folder):
+        os.rename(folder / "model.safetensors", tmp_path / "elsewhere.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"x": "../elsewhere.safetensors"}}))
+    cases = [
+        ("huge", edit_json("config.json", num_hidden_layers=100_000), load_model,
+         "config.json: num_hidden_layers is 100000; it must be from 1 to 1000"),
+        ("negative", edit_json("config.json", hidden_size=-64), load_model,
+         "config.json: hidden_size is -64; it must be from 1 to"),
+        ("eps", edit_json("config.json", rms_norm_eps=0), load_model,
+         "config.json: rms_norm_eps is 0; it must be a finite number above 0"),
+        ("theta", edit_json("config.json", rope_theta=0.0), load_model,
+         "config.json: rope_theta is 0.0; it must be a finite number above 0"),
+        ("heads", edit_json("config.json", num_key_value_heads=3), load_model,
+         "4 attention heads do not share 3 key/value heads evenly"),
+        ("layers", edit_json("config.json", num_hidden_layers=900), load_model,
+         "config.json of .* says 900 layers; its weights hold 2: they are not one model"),
+        ("outside", shard_elsewhere, load_model,
+         r"names a shard outside the model's folder \('../elsewhere.safetensors'\); refusing it"),
+        ("eos-type", edit_json("config.json", eos_token_id="end"), ChatTokenizer,
+         r"config.json: eos_token_id end is not a token id of its tokenizer \(integers from 0 to"),
+        ("eos-range", edit_json("generation_config.json", eos_token_id=[2, 10**6]), ChatTokenizer,
+         r"generation_config.json: eos_token_id \[2, 1000000\] is not a token id of its tokenizer"),
+    ]
+    for name, change, load, message in cases:
+        with pytest.raises(UserError, match=message) as e:
+            load(broken_copy(tmp_path, tiny_tied, name, change))
+        assert len(str(e.value)) < 400, name   # one line, not a list of 100,000 missing weights
+    model = load_model(tiny_tied)
+    model.cfg.vocab_size = 100   # a tokenizer of 384 tokens for a model of 100: ids past its embedding
+    with pytest.raises(UserError, match="the tokenizer has 384 tokens and the model 100"):
+        check_fits(model, ChatTokenizer(tiny_tied))
