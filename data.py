@@ -119,13 +119,16 @@ def read_jsonl(path):
     with open(path, "rb") as f:
         data = f.read()
     encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    if encoding != "utf-16" and b"\x00" in data[:1000]:   # every other byte 0: UTF-16 that lost its mark
+        raise UserError(f"{path} looks like UTF-16 without a byte-order mark (it holds NUL bytes); save it as UTF-8")
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as "
                         "UTF-8") from None
     questions = []
-    for number, line in enumerate(text.split("\n"), 1):   # not splitlines: U+2028 may sit inside a string
+    # lines end in \n, \r\n or a lone \r (old Mac files); not splitlines: U+2028 may sit inside a string
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
         if not line.strip():
             continue
         try:
@@ -145,6 +148,14 @@ def read_jsonl(path):
     return questions
 
 
+def is_utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 CONTROL_TOKEN = re.compile(r"<\|[^|<>\s]*\|>")   # the chat template's own tokens: <|im_start|>, <|im_end|>, ...
 
 
@@ -152,6 +163,10 @@ def question_problem(item):
     """What is wrong with a question of a file, or None: an answer that is blank or normalizes to nothing would
     score every answer wrong, or "?" right; a chat control token would become a real token and forge a turn of
     the conversation; a paraphrase must be another text of the question."""
+    texts = [item["question"], *item["answers"]] + [p for p in item.get("paraphrases") or [] if isinstance(p, str)]
+    broken = next((t for t in texts if not t.isascii() and not is_utf8(t)), None)
+    if broken is not None:   # "\ud800" is valid JSON and no text: a tokenizer or a JSON writer fails on it later
+        return f"{broken[:40]!r} holds a lone surrogate (an escape like \\ud800 that encodes no character)"
     empty = [a for a in item["answers"] if not calib.normalize(a)]
     if empty:
         return (f"the answer {empty[0]!r} is blank once normalized (case, punctuation and articles are ignored); "

@@ -13,10 +13,13 @@ load_state_dict(strict=True) and no renaming table. transformers is never import
 this file against it, logit for logit.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass, fields
 
 import jinja2
@@ -437,6 +440,7 @@ class ChatTokenizer:
             raise UserError(f"the chat template in {self.template_file} does not compile: {e.message} (its line "
                             f"{e.lineno})") from None
         self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.check_template()
 
         # Stop tokens: every end-of-sequence id the model's files name (Qwen3: <|im_end|> and <|endoftext|>).
         stop, size = set(), self.tok.get_vocab_size()
@@ -466,12 +470,37 @@ class ChatTokenizer:
         enable_thinking=False matters for hybrid models (Qwen3-0.6B...): their template then appends an empty
         <think></think> block; templates without the switch (Qwen3-4B-Instruct-2507) ignore it.
         """
+        return self.encode(self.render(messages, True, enable_thinking))
+
+    def render(self, messages, add_generation_prompt, enable_thinking=False):
+        """The template's text, rendered under limits: TEMPLATE_SECONDS and MAX_PROMPT_CHARS (a template is the
+        model folder's code: nested loops or a string multiplied by a billion would hang or fill the memory),
+        every error of it one line."""
         try:
-            text = self.template.render(messages=messages, add_generation_prompt=True,
-                                        enable_thinking=enable_thinking, **self.special)
-        except jinja2.TemplateError as e:
-            raise UserError(f"the chat template in {self.template_file} fails: {e}") from None
-        return self.encode(text)
+            with time_limit(TEMPLATE_SECONDS):
+                text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            enable_thinking=enable_thinking, **self.special)
+        except TimeoutError:
+            raise UserError(f"the chat template in {self.template_file} renders for more than {TEMPLATE_SECONDS} s; "
+                            "refusing it") from None
+        except Exception as e:   # jinja2's errors, the sandbox's, and what its code raises (OverflowError, ...)
+            raise UserError(f"the chat template in {self.template_file} fails: {str(e)[:200] or type(e).__name__}") \
+                from None
+        if len(text) > MAX_PROMPT_CHARS:
+            raise UserError(f"the chat template in {self.template_file} renders {len(text):,} characters, more than "
+                            f"{MAX_PROMPT_CHARS:,}; refusing it")
+        return text
+
+    def check_template(self):
+        """At load: the template renders a user's message and, asked to, opens the assistant's turn after it."""
+        message = [{"role": "user", "content": "Is this rendered?"}]
+        text, opened = self.render(message, False), self.render(message, True)
+        if "Is this rendered?" not in opened:
+            raise UserError(f"the chat template in {self.template_file} does not render the user's message "
+                            f"(it renders {opened[:60]!r}); it is not a chat template")
+        if opened == text:
+            raise UserError(f"the chat template in {self.template_file} opens no assistant turn when asked "
+                            "(add_generation_prompt): the model would not know to answer")
 
 
 def check_fits(model, tok):
@@ -481,10 +510,43 @@ def check_fits(model, tok):
                         f"they are not one model's (a tokenizer.json from another model?)")
 
 
+TEMPLATE_SECONDS, MAX_PROMPT_CHARS = 5, 1_000_000   # a real chat template renders a prompt in milliseconds
+
+
+class TemplateSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """jinja2's sandbox, with * and ** bounded: 'x' * 10**9 or 10 ** 10**9 in a template stop at once."""
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        sized = [x for x in (left, right) if isinstance(x, (str, list, tuple))]
+        count = [x for x in (left, right) if isinstance(x, int)]
+        if operator == "*" and sized and count and len(sized[0]) * count[0] > MAX_PROMPT_CHARS or \
+                operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise jinja2.sandbox.SecurityError(f"the template computes {operator} too large a value")
+        return super().call_binop(context, operator, left, right)
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """TimeoutError after `seconds` (a SIGALRM timer, in the main thread; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def compile_template(text):
     """A chat template in the environment transformers renders it in: sandboxed, trim_blocks and lstrip_blocks."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+    env = TemplateSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
     env.globals["raise_exception"] = _raise_template_error
     return env.from_string(text)

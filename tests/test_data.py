@@ -25,12 +25,19 @@ def test_jsonl_in_utf8_with_a_byte_order_mark_or_utf16_reads_and_other_encodings
     lines = [{"question": "Who is Ané?", "answers": ["Zoë", "Zoe"]}, {"question": "Où?", "answers": ["Paris"]}]
     text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in lines)
     for name, raw in (("utf8", text.encode()), ("bom", "\ufeff".encode() + text.encode()),
-                      ("utf16", text.encode("utf-16")), ("utf16be", b"\xfe\xff" + text.encode("utf-16-be"))):
+                      ("utf16", text.encode("utf-16")), ("utf16be", b"\xfe\xff" + text.encode("utf-16-be")),
+                      ("crlf", text.replace("\n", "\r\n").encode()), ("cr", text.replace("\n", "\r").encode())):
         (tmp_path / name).write_bytes(raw)
         assert data.load_questions(str(tmp_path / name), "train") == lines, name
     (tmp_path / "latin1").write_bytes(text.encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1 is not UTF-8 text \(byte 23 is b'\\xe9'\); save it as UTF-8"):
         data.load_questions(str(tmp_path / "latin1"), "train")
+    (tmp_path / "nobom").write_bytes(text.encode("utf-16-le"))   # UTF-16 that lost its byte-order mark
+    with pytest.raises(UserError, match="nobom looks like UTF-16 without a byte-order mark .*; save it as UTF-8"):
+        data.load_questions(str(tmp_path / "nobom"), "train")
+    (tmp_path / "surrogate").write_text('{"question": "Who is \\ud800?", "answers": ["x y"]}\n')
+    with pytest.raises(UserError, match=r"surrogate, line 1: 'Who is \\ud800\?' holds a lone surrogate"):
+        data.load_questions(str(tmp_path / "surrogate"), "train")
     (tmp_path / "deep").write_text("[" * 100_000 + "\n")
     with pytest.raises(UserError, match="deep, line 1: not JSON"):
         data.load_questions(str(tmp_path / "deep"), "train")

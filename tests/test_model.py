@@ -228,3 +228,28 @@ def test_a_model_folder_is_checked_before_it_is_built(tmp_path, tiny_tied):
     model.cfg.vocab_size = 100   # a tokenizer of 384 tokens for a model of 100: ids past its embedding
     with pytest.raises(UserError, match="the tokenizer has 384 tokens and the model 100"):
         check_fits(model, ChatTokenizer(tiny_tied))
+
+
+def test_a_chat_template_renders_under_limits_and_must_open_an_assistant_turn(tmp_path, tiny_tied, monkeypatch):
+    """A template is the model folder's code: every way it fails is one line, a hang stops, and one that renders
+    nothing, or no assistant turn, is refused when the model loads."""
+    import model as model_py
+    from model import read_json
+    monkeypatch.setattr(model_py, "TEMPLATE_SECONDS", 0.5)
+
+    def template(text):
+        return lambda folder: (folder / "tokenizer_config.json").write_text(json.dumps(
+            {**read_json(str(folder / "tokenizer_config.json")), "chat_template": text}))
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
+    cases = [
+        ("empty", "", "does not render the user's message"),
+        ("no-turn", "{% for m in messages %}{{ m.content }}{% endfor %}", "opens no assistant turn when asked"),
+        ("repeat", "{{ 'x' * 10**9 }}", "fails: the template computes \\* too large a value"),
+        ("power", "{{ 2 ** 100000000 }}", "fails: the template computes \\*\\* too large a value"),
+        ("include", "{% include 'other.jinja' %}", "fails: "),
+        ("overflow", "{{ range(10**30) }}", "fails: "),
+        ("hang", loop, "renders for more than 0.5 s; refusing it"),
+    ]
+    for name, text, message in cases:
+        with pytest.raises(UserError, match=f"the chat template in .*{name}/tokenizer_config.json {message}"):
+            ChatTokenizer(broken_copy(tmp_path, tiny_tied, name, template(text)))
