@@ -851,3 +851,28 @@ def test_a_run_that_cannot_learn_says_so_instead_of_finishing(tmp_path, formatte
         train.main(["--model", "tiny", "--dataset", "tiny", *flags[4:], "--max-new-tokens", "40", "--temperature",
                     "1e-6", "--out", str(tmp_path / "cold")])
     assert len(records(tmp_path / "cold")) == train.STALLED_STEPS and not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_a_command_that_works(tmp_path, formatted, capsys):
+    """The disk fills between a checkpoint's adapter and its state.pt: the run stops in one line that suggests a
+    command, and that command (run here) goes on, the uncommitted adapter set aside."""
+    import errno
+    import cli
+    model, questions = formatted
+    real = data.write_atomic
+
+    def full(path, payload):
+        if os.path.basename(path) == "state.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, payload)
+    flags = small(tmp_path, model, questions, tmp_path / "r")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "write_atomic", full)
+        with pytest.raises(SystemExit) as e:
+            cli.entry(lambda: train.main(flags))
+    said = str(e.value.code)
+    assert "No space left on device" in said and "the same command with --resume starts again" in said, said
+    assert os.path.exists(tmp_path / "r" / "adapter-00001.safetensors")   # written before the disk filled
+    train.main(flags + ["--resume"])   # the command it suggested
+    assert [r["step"] for r in records(tmp_path / "r")] == [0, 1]
+    assert "adapter-00001.safetensors was written by a checkpoint that did not finish" in capsys.readouterr().out
