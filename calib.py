@@ -370,5 +370,14 @@ def bootstrap(records, figures, resamples=1000, seed=0):
     n = len(records)
     runs = [figures([records[j] for j in rng.integers(0, n, n)]) for _ in range(resamples)]
     keys = [k for k, v in runs[0].items() if isinstance(v, float)]
-    return {k: (float(np.nanpercentile([r[k] for r in runs], 2.5)), float(np.nanpercentile([r[k] for r in runs], 97.5)))
-            for k in keys}
+    return {k: percentiles([r[k] for r in runs]) for k in keys}
+
+
+def percentiles(values):
+    """The 2.5th and 97.5th percentiles of a figure's resampled values, NaN ones left out (a resample may lack
+    a class); (NaN, NaN), and no warning, when every one is NaN: no interval of no figure."""
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
