@@ -32,3 +32,20 @@ def test_bad_input_ends_in_one_line_and_ctrl_c_in_130(capsys):
     with pytest.raises(SystemExit) as e:
         cli.entry(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_sigterm_stops_a_script_as_ctrl_c_does(capsys):
+    """kill, systemd, Slurm and torchrun send SIGTERM: it becomes the KeyboardInterrupt every script already
+    handles (what it writes finished or removed, a line saying where it stopped), and the handler before it is
+    back afterwards."""
+    import os
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not stopped")
+    with pytest.raises(SystemExit) as e:
+        cli.entry(killed)
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before
