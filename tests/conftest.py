@@ -123,3 +123,17 @@ def formatted(tmp_path_factory):
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, os.path.join(path, "model.safetensors"))
     return path, questions
+
+
+def stop_at_rename(monkeypatch, k):
+    """os.replace raising KeyboardInterrupt at its k-th call (0: the first): a stop, or a SIGTERM (which cli.entry
+    turns into one), at that moment of a write. monkeypatch.undo() or a new one puts os.replace back."""
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        calls.append(b)
+        real(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    return real

@@ -4,6 +4,7 @@ one clear line for whatever cannot be read."""
 import json
 
 import pytest
+from conftest import stop_at_rename
 
 import data
 from cli import UserError
@@ -140,14 +141,8 @@ def test_outputs_with_a_marker_leave_the_old_result_or_the_new_one(tmp_path, mon
         data.write_outputs(*new)
     monkeypatch.setattr(data, "write_temporary", real_write)
     assert files() == written
-    real_replace = os.replace
     for stop_at in range(3):   # a stop at the renames of a, of b, of the marker: no marker
-        def replace(a, b, calls=[]):
-            if len(calls) == stop_at:
-                raise KeyboardInterrupt
-            calls.append(b)
-            real_replace(a, b)
-        monkeypatch.setattr(os, "replace", replace)
+        real_replace = stop_at_rename(monkeypatch, stop_at)
         with pytest.raises(KeyboardInterrupt):
             data.write_outputs(*new)
         monkeypatch.setattr(os, "replace", real_replace)

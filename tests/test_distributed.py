@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 import parallel
-import train
 from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

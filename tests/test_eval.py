@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import stop_at_rename
 import torch
 
 import calib
@@ -172,7 +173,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, tiny_untied, formatt
     with pytest.raises(UserError, match="is a file; it must be a folder"):
         evaluation.parse_args(["--out", str(tmp_path / "file")])
     with pytest.raises(UserError, match="--max-new-tokens 600 does not fit"):
-        evaluation.main(["--model", tiny_tied, "--dataset", questions, "--max-new-tokens", "600", "--out", str(tmp_path)])
+        evaluation.main(["--model", tiny_tied, "--dataset", questions, "--max-new-tokens", "600", "--out",
+                         str(tmp_path)])
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match="no evaluation questions"):
         evaluation.main(["--model", tiny_tied, "--dataset", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path)])
@@ -235,8 +237,8 @@ def test_stability_over_several_phrasings_beside_the_one_phrasing_figures(tmp_pa
     records = data.read_records(str(out / "responses-base.jsonl"))
     over_phrasings = [r["stability_paraphrased"] for r in records]
     assert result["mean_stability_paraphrased"] == pytest.approx(np.mean(over_phrasings))
-    assert result["auroc_stability_paraphrased"] == pytest.approx(calib.auroc(over_phrasings, [r["correct"] for r in records]),
-                                                                  nan_ok=True)
+    correct = [r["correct"] for r in records]
+    assert result["auroc_stability_paraphrased"] == pytest.approx(calib.auroc(over_phrasings, correct), nan_ok=True)
     assert "mean_stability" in result and over_phrasings != [r["stability"] for r in records]   # other samples
     assert "auroc_stability_paraphrased" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -293,14 +295,8 @@ def test_an_evaluation_stopped_while_it_writes_leaves_the_old_result_or_none_nev
     evaluation.main(flags("6"))
     files = lambda: {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
     old = files()
-    real_replace = os.replace
     for stop_at in range(3):   # the renames: responses, the diagram, then metrics.json
-        def replace(a, b, calls=[]):
-            if len(calls) == stop_at:
-                raise KeyboardInterrupt
-            calls.append(b)
-            real_replace(a, b)
-        monkeypatch.setattr(os, "replace", replace)
+        real_replace = stop_at_rename(monkeypatch, stop_at)
         with pytest.raises(KeyboardInterrupt):
             evaluation.main(flags("8"))   # other questions: other responses and metrics
         monkeypatch.setattr(os, "replace", real_replace)
