@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import calib
+import data
 import eval as evaluation   # eval.py; the name 'eval' is Python's
 import lora
 import train
@@ -259,8 +260,7 @@ def gpu_check(out):
             figures[key] = stage()
         except Exception as e:
             figures[key] = {"failed": f"{type(e).__name__}: {e}"}
-        with open(out, "w") as f:
-            json.dump(figures, f, indent=2)
+        data.write_atomic(out, json.dumps(figures, indent=2))   # a check cut short keeps every stage done
         print(f"{key}: {json.dumps(figures[key])}", flush=True)
     here, work = os.path.dirname(os.path.abspath(__file__)), tempfile.mkdtemp()
     tiny = ["--model", "tiny", "--dataset", "tiny", "--data", "1600", "--epochs", "2", "--mix", "0.5",
