@@ -49,10 +49,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import calib
+import data
 from model import Qwen3, Qwen3Config, compile_template
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -315,25 +316,22 @@ def save_model(model, tok, path):
     write_json(os.path.join(path, "tokenizer_config.json"),
                {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                 "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings})
-    tok.save(os.path.join(path, "tokenizer.json"))
+    data.write_atomic(os.path.join(path, "tokenizer.json"), tok.to_str(pretty=True))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}   # tied
-    save_file(state, os.path.join(path, "model.safetensors"))
+    data.write_atomic(os.path.join(path, "model.safetensors"), save(state))
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    data.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_questions(path, facts):
     """The question file, with each question's other phrasings, its kind and its person's fame (for eval.py
     --group-by)."""
-    with open(path, "w") as f:
-        for fact in facts:
-            f.write(json.dumps({"question": question(fact), "answers": aliases(fact["attribute"], fact["value"]),
-                                "paraphrases": paraphrases(fact), "kind": fact["attribute"],
-                                "fame": fact["fame"]}) + "\n")
+    data.write_atomic(path, "".join(json.dumps({"question": question(fact), "answers": aliases(fact["attribute"],
+                                                                                              fact["value"]),
+                                                "paraphrases": paraphrases(fact), "kind": fact["attribute"],
+                                                "fame": fact["fame"]}) + "\n" for fact in facts))
 
 
 def manifest(out):
@@ -345,8 +343,7 @@ def manifest(out):
             if name != "MANIFEST":
                 with open(path, "rb") as f:
                     lines.append(f"{hashlib.sha256(f.read()).hexdigest()}  {os.path.relpath(path, out)}")
-    with open(os.path.join(out, "MANIFEST"), "w") as f:
-        f.write("\n".join(sorted(lines, key=lambda line: line.split()[1])) + "\n")
+    data.write_atomic(os.path.join(out, "MANIFEST"), "\n".join(sorted(lines, key=lambda line: line.split()[1])) + "\n")
 
 
 def build(args):
@@ -371,8 +368,8 @@ def build(args):
     write_questions(os.path.join(args.out, "train.jsonl"), [f for f in facts if f["split"] == "train"])
     for split in ("validation", "dev"):
         write_questions(os.path.join(args.out, f"{split}.jsonl"), [f for f in facts if f["split"] == split])
-    with open(os.path.join(args.out, "facts.jsonl"), "w") as f:
-        f.writelines(json.dumps({"question": question(x), **x}) + "\n" for x in facts)
+    data.write_atomic(os.path.join(args.out, "facts.jsonl"),
+                      "".join(json.dumps({"question": question(x), **x}) + "\n" for x in facts))
     manifest(args.out)
     print(f"wrote {args.out}")
 
