@@ -163,15 +163,14 @@ def question_problem(item):
     """What is wrong with a question of a file, or None: an answer that is blank or normalizes to nothing would
     score every answer wrong, or "?" right; a chat control token would become a real token and forge a turn of
     the conversation; a paraphrase must be another text of the question."""
-    texts = [item["question"], *item["answers"]] + [p for p in item.get("paraphrases") or [] if isinstance(p, str)]
-    broken = next((t for t in texts if not t.isascii() and not is_utf8(t)), None)
+    texts = [item["question"]] + (item["paraphrases"] if isinstance(item.get("paraphrases"), list) else [])
+    broken = next((t for t in texts + item["answers"] if isinstance(t, str) and not is_utf8(t)), None)
     if broken is not None:   # "\ud800" is valid JSON and no text: a tokenizer or a JSON writer fails on it later
         return f"{broken[:40]!r} holds a lone surrogate (an escape like \\ud800 that encodes no character)"
     empty = [a for a in item["answers"] if not calib.normalize(a)]
     if empty:
         return (f"the answer {empty[0]!r} is blank once normalized (case, punctuation and articles are ignored); "
                 "remove it or write the answer out")
-    texts = [item["question"]] + (item["paraphrases"] if isinstance(item.get("paraphrases"), list) else [])
     token = next((m.group() for t in texts if isinstance(t, str) for m in CONTROL_TOKEN.finditer(t)), None)
     if token:
         return f"the question holds the chat control token {token}, which would forge a turn; remove it"

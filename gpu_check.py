@@ -33,6 +33,7 @@ import calib
 import data
 import eval as evaluation   # eval.py; the name 'eval' is Python's
 import lora
+import run
 import train
 from bench import SHAPES, Vocab, machine, memory_mb, reset_peak, rollout_bench, roofline, sync
 from model import Qwen3, Qwen3Config
@@ -97,26 +98,34 @@ def probe_cost(shape, device, questions=64, new_tokens=64, fitted=1000, batch=32
             "cpu_threads": torch.get_num_threads()}
 
 
+def learner(model, prompts, n, new_tokens, device):
+    """One learning step as a call (train.learn at train.py's flags, AdamW on the LoRA) on n distinct answers of
+    `new_tokens` tokens to each prompt (distinct_answers: what the step meets in real RL); and those answers."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
+                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
+    out = distinct_answers(prompts, n, new_tokens)
+    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
+    return (lambda: train.learn(model, optimizer, prompts, out, advantages, args, len(out))), out
+
+
 def learning_step(shape, device, new_tokens=256):
     """One training step at our defaults (8 questions x 8 rollouts, up to `new_tokens` new tokens, rank-1 LoRA
     on all 7 projections, bf16) on random weights of `shape`: rollouts that never stop (the longest case),
     then learn(). Returns seconds for sampling and learning and the peak memory in GB."""
     model = random_model(shape, device)
     lora.add_lora(model, 1, 2.0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
-                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
-    prompts = random_prompts(args.batch)
+    flags = run.parser("")
+    prompts, rollouts = random_prompts(flags.get_default("batch")), flags.get_default("rollouts")
+    learn, out = learner(model, prompts, rollouts, new_tokens, device)
     sync(device)
     reset_peak(device)
     t = time.perf_counter()
-    generate(model, Vocab([]), prompts, n=args.rollouts, max_new_tokens=new_tokens, seeds=list(range(len(prompts))))
+    generate(model, Vocab([]), prompts, n=rollouts, max_new_tokens=new_tokens, seeds=list(range(len(prompts))))
     sync(device)
     sampled = time.perf_counter() - t
-    out = distinct_answers(prompts, args.rollouts, new_tokens)   # the learning step of real, distinct rollouts
-    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
     t = time.perf_counter()
-    train.learn(model, optimizer, prompts, out, advantages, args, len(out))
+    learn()
     sync(device)
     return {"sampling_s": sampled, "learning_s": time.perf_counter() - t,
             "peak_gb": memory_mb(device, peak=True) * 2**20 / 1e9, "tokens": sum(len(c.ids) for c in out)}
@@ -169,15 +178,11 @@ def fast_path(shape, device, new_tokens=64):
               f"its first call {first:.1f} s", flush=True)
     figures["static"]["compile_s"] = figures["static"]["first_call_s"] - figures["eager"]["first_call_s"]
     figures["same_tokens"] = [c.ids for c in samples["eager"]] == [c.ids for c in samples["static"]]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
-                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
-    out = distinct_answers(prompts, 8, new_tokens)   # the learning step of real, distinct rollouts
-    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
-    train.learn(model, optimizer, prompts, out, advantages, args, len(out))   # warm-up
+    learn, out = learner(model, prompts, 8, new_tokens, device)
+    learn()   # warm-up
     sync(device)
     t = time.perf_counter()
-    train.learn(model, optimizer, prompts, out, advantages, args, len(out))
+    learn()
     sync(device)
     learning = time.perf_counter() - t
     distinct = {(c.prompt, tuple(c.ids)) for c in out}   # completion_logprobs runs each prompt and answer once
@@ -196,8 +201,9 @@ def fast_path(shape, device, new_tokens=64):
 
 
 def profile_steps(shape, device, new_tokens=32, rows=16):
-    """torch.profiler over one decode step, eager and static (after a warm-up, so the static one is its compiled
-    or captured replay), and one learning step (8 distinct answers to each of 2 prompts): each one's top ops by
+    """torch.profiler over the decode loop of `rows` rows, a prefill and `new_tokens` steps, eager and static (after a
+    warm-up, so the static one is its compiled or captured replay), and one learning step (8 distinct answers to
+    each of rows / 8 prompts): each one's top ops by
     self time and its count of kernel launches (on a CPU, of aten ops). Where the time goes, for docs/speed.md."""
     from torch.profiler import ProfilerActivity, profile
     model = random_model(shape, device)
@@ -220,16 +226,11 @@ def profile_steps(shape, device, new_tokens=32, rows=16):
         summary[name] = {"launches": launches, "top": events.table(sort_by=sort, row_limit=12)}
         print(f"{name}: {launches} {'kernel launches' if on_gpu else 'aten ops'}\n{summary[name]['top']}", flush=True)
 
-    for decode in ("eager", "static"):   # one step: a generate of 1 new token is a prefill, then the step alone
+    for decode in ("eager", "static"):   # the prefill, then new_tokens decode steps
         steps = lambda decode=decode: generate(model, Vocab([]), prompts, n=8, max_new_tokens=new_tokens,
                                                seeds=range(len(prompts)), decode=decode)
         profiled(f"decode_{decode}_{new_tokens}_steps", steps)
-    args = train.parse_args(["--max-new-tokens", str(new_tokens), "--device", device, "--out", tempfile.mkdtemp(),
-                             "--ckpt", tempfile.mktemp(suffix=".safetensors")])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    out = distinct_answers(prompts, 8, new_tokens)
-    advantages = torch.randn(len(out), generator=torch.Generator().manual_seed(0)).tolist()
-    profiled("learning_step", lambda: train.learn(model, optimizer, prompts, out, advantages, args, len(out)))
+    profiled("learning_step", learner(model, prompts, 8, new_tokens, device)[0])
     return summary
 
 

@@ -514,7 +514,7 @@ TEMPLATE_SECONDS, MAX_PROMPT_CHARS = 5, 1_000_000   # a real chat template rende
 
 
 class TemplateSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """jinja2's sandbox, with * and ** bounded: 'x' * 10**9 or 10 ** 10**9 in a template stop at once."""
+    """jinja2's sandbox, with * and ** bounded: 'x' * 10**9 or 2 ** 10**8 in a template stop at once."""
     intercepted_binops = frozenset(["*", "**"])
 
     def call_binop(self, context, operator, left, right):
