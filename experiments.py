@@ -196,24 +196,27 @@ def training_evals(name, seed, args):
 
 
 def probe_evals(name, seed, args):
-    """A grid in PROBED evaluates each run once more with eval.py --probe, into FOLDER/eval-probe: the flags of
-    its evaluation, so the same greedy answers, plus the probe. [(the eval folder, the eval.py flags)]."""
+    """A grid in PROBED evaluates each run once more with eval.py --probe, into FOLDER/eval-probe (the instance
+    grid: FOLDER/eval-fame, grouped by fame): the flags of its evaluation, so the same greedy answers, plus the
+    grid's. [(the eval folder, the eval.py flags)]."""
     if args.grid not in PROBED:
         return []
-    out = os.path.join(run_folder(args, name, seed), "eval-probe")
-    return [(out, held_out_flags(name, seed, args, out, "--probe"))]
+    subfolder, flags = PROBED[args.grid]
+    out = os.path.join(run_folder(args, name, seed), subfolder)
+    return [(out, held_out_flags(name, seed, args, out, *flags))]
 
 
 def with_probe(result, out):
-    """A run's figures with what its --probe evaluation adds: the probe's AUROCs, and the measures its first
-    evaluation predates (E-AURC, Brier's parts). Refused if the two did not give the same answers."""
+    """A run's figures with what its --probe evaluation adds: the probe's AUROCs, the measures its first
+    evaluation predates (E-AURC, Brier's parts), and the within-group figures of its own --group-by, which replace
+    the first's. Refused if the two did not give the same answers."""
     with open(os.path.join(out, "metrics.json")) as f:
         probed = next(iter(json.load(f).values()))
     if (probed["n"], probed["accuracy"], probed["mean_confidence"]) != \
             (result["n"], result["accuracy"], result["mean_confidence"]):
         raise UserError(f"{out} holds other answers than the run's evaluation (accuracy {probed['accuracy']:.3f} "
                         f"against {result['accuracy']:.3f}); delete it, and the grid evaluates it again")
-    return {**probed, **result, "ci": {**probed["ci"], **result["ci"]}}
+    return {**result, **probed, "ci": {**result["ci"], **probed["ci"]}}
 
 
 def device_flags(device):

@@ -71,6 +71,15 @@ CONDITIONS = {
     "B-lr3": Condition(train=(*B, *HIGH_LR)),
     "C-lr3": Condition(train=(*C, *HIGH_LR)),
     "control-e8": Condition(train=(*scarce_for(8), "--mix", "1", *CONTROL)),
+    # the instance grid: B and C with a LoRA of rank 8 and 32 (alpha / rank kept at 2, each direction learning as
+    # at rank 1), the log score as the labeled reward, 16 rollouts per question; and the supervised bound
+    **{f"{run}-r{rank}": Condition(train=(*flags, "--rank", str(rank), "--alpha", str(2 * rank)))
+       for run, flags in (("B", B), ("C", C)) for rank in (8, 32)},
+    "B-log": Condition(train=(*B, "--labeled-reward", "log")),
+    "C-log": Condition(train=(*C, "--labeled-reward", "log")),
+    "C-n16": Condition(train=(*C, "--rollouts", "16")),
+    "bound": Condition(train=(*SCARCE, "--supervised-bound")),   # a diagnostic (train.py:supervised_targets)
+    "bound-r32": Condition(train=(*SCARCE, "--supervised-bound", "--rank", "32", "--alpha", "64")),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,6 +94,7 @@ class Table:
     rows: tuple   # (condition, label, {column: the paper's figure})
     note: str = ""
     plots: bool = True   # training curves and reliability diagrams of its rows (False: other tables have them)
+    group: str = "kind"   # the field of the within-group columns (eval.py --group-by)
 
 
 TRAINED = ("accuracy", "calibration_gap", "auroc", "auroc_within_group", "auroc_group_base_rate", "ece", "e_aurc",
@@ -212,9 +222,29 @@ GRIDS = {
               "(--correct-weight -1): if it moves the answers at a dose where Brier does not, RL can move them "
               "and Brier's push is too weak to."),
     ],
+    "instance": [
+        Table("Within a fame class: does the stated confidence rank right above wrong? (1,600 questions, 2 epochs)",
+              ("accuracy", "calibration_gap", "ece", "auroc", "auroc_within_group", "probe_answer_auroc_within_group",
+               "auroc_group_base_rate", "brier_resolution"),
+              (("untrained", "untrained", {}),
+               ("C", "C: 50/50 mix, rank 1", {}), ("C-r8", "C, rank 8", {}), ("C-r32", "C, rank 32", {}),
+               ("B", "B: pure Brier, rank 1", {}), ("B-r8", "B, rank 8", {}), ("B-r32", "B, rank 32", {}),
+               ("C-log", "C, log score as the labeled reward", {}), ("B-log", "B, log score", {}),
+               ("C-n16", "C, 16 rollouts per question", {}),
+               ("bound", "supervised bound, rank 1 (a diagnostic)", {}),
+               ("bound-r32", "supervised bound, rank 32 (a diagnostic)", {})),
+              "Every run evaluated with eval.py --probe --group-by fame (FOLDER/eval-fame). AUROC within fame: the "
+              "mean over the four fame classes, weighted by their size; the probe's: a linear probe on the hidden "
+              "state where the answer ends (what the model knows); per-fame accuracy's: what a confidence that "
+              "knows only the class scores. The supervised bound is not the method: the same LoRA fitted by "
+              "cross-entropy to confidences that state each training question's share of right answers among 8 "
+              "samples (train.py --supervised-bound).", group="fame"),
+    ],
 }
 ON_TRAINING_QUESTIONS = {"stress"}   # grids whose runs are also evaluated on the questions they trained on
-PROBED = {"paper"}   # grids whose runs are evaluated once more with eval.py --probe (the probe's ceiling)
+# grids whose runs are evaluated once more with eval.py --probe (the probe's ceiling): into FOLDER/<subfolder>,
+# with these flags beside the run's own evaluation's; its figures are the grid's (the same greedy answers)
+PROBED = {"paper": ("eval-probe", ("--probe",)), "instance": ("eval-fame", ("--probe", "--group-by", "fame"))}
 
 # ----------------------------------------------------------------------------------------------------------
 # The paper's claims, each tested by a difference between conditions (or between two figures of one): its 95%
@@ -231,7 +261,9 @@ class Claim:
     figure_b: str = ""   # a second figure of the same condition, instead of figure(b)
     absolute: bool = False   # compare sizes: a calibration gap of -40% is not better than one of +35%
     within: tuple = ()   # (field, value): only the questions whose field has that value, e.g. ("fame", "rare")
-    questions: str = "eval"   # the evaluation compared: "eval" (held out) or "eval-train" (the run's own questions)
+    questions: str = "eval"   # the evaluation compared: "eval" (held out), "eval-train" (the run's own questions),
+                              # or a PROBED grid's subfolder
+    group_by: str = ""   # the field of the within-group figures (auroc_within_group, ...)
 
 
 CLAIMS = {
@@ -279,6 +311,16 @@ CLAIMS["stress"] = [   # the paper's headline claim at more doses of reuse (held
           within=("fame", "rare"), questions="eval-train"),
     Claim("Positive control: a reward that pays wrong answers moves them (8 epochs)", "accuracy", "A", "control-e8"),
     Claim("... on the questions it trained on", "accuracy", "A", "control-e8", questions="eval-train"),
+]
+
+INSTANCE = ("C-r8", "C-r32", "B-r8", "B-r32", "C-log", "B-log", "C-n16", "bound", "bound-r32")
+CLAIMS["instance"] = [   # does anything make the stated confidence rank within a fame class (against C's)?
+    *(Claim(f"Within fame, {name} ranks better than C", "auroc_within_group", name, "C", questions="eval-fame",
+            group_by="fame") for name in INSTANCE),
+    Claim("... and B better than C", "auroc_within_group", "B", "C", questions="eval-fame", group_by="fame"),
+    *(Claim(f"Within fame, the probe ranks better than the stated confidence: {name}",
+            "probe_answer_auroc_within_group", name, name, "auroc_within_group", questions="eval-fame",
+            group_by="fame") for name in ("untrained", "C", "B", *INSTANCE)),
 ]
 
 # ----------------------------------------------------------------------------------------------------------

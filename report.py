@@ -58,7 +58,8 @@ def claim_test(claim, args, resamples=1000):
 
     def figure(runs, key, index):   # the figure of a condition on these questions, averaged over its seeds
         kept = [[rows[i] for i in index if not claim.within or rows[i][field] == value] for rows in runs]
-        values = [evaluation.figures(rows)[key] if rows else float("nan") for rows in kept]   # a resample may lack them
+        values = [evaluation.figures(rows, claim.group_by)[key] if rows else float("nan")
+                  for rows in kept]   # a resample may lack them
         return abs(np.mean(values)) if claim.absolute else np.mean(values)
 
     if claim.within:
@@ -153,9 +154,10 @@ def figure_of(result, column):
     return result.get(column, float("nan"))
 
 
-def name_of(column):
+def name_of(column, field="kind"):
+    """A column's header; field: the table's --group-by, which the within-group figures are named by."""
     group, _, key = column.rpartition("/")
-    return NAMES[key] + (f", {group}" if group else "")
+    return NAMES[key].replace("kind", field) + (f", {group}" if group else "")
 
 
 def table_markdown(table, args, results):
@@ -164,7 +166,7 @@ def table_markdown(table, args, results):
     columns = [c for c in table.columns if c == "gap_reduction" or any(
         not np.isnan(figure_of(results[name, s], c)) for name, _, _ in table.rows for s in seeds_of(name, args))]
     paper_has = {c: any(c in paper for _, _, paper in table.rows) for c in columns}
-    header = ["condition"] + [f"{name_of(c)}: {who}" for c in columns
+    header = ["condition"] + [f"{name_of(c, table.group)}: {who}" for c in columns
                               for who in (("paper", "ours") if paper_has[c] else ("ours",))]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label, paper in table.rows:
@@ -408,6 +410,35 @@ def stress_markdown(args, table):
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The instance grid's figure: what the stated confidence ranks within a fame class, against what the state holds.
+
+
+def instance_plot(args, table, results, path):
+    """Per condition: the stated confidence's AUROC within fame against the probe's (the hidden state where the
+    answer ends), mean and sd over seeds; a coin at 0.5, the issue's aim at 0.6."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [(name, label) for name, label, _ in table.rows]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    for k, (column, label) in enumerate((("auroc_within_group", "stated confidence"),
+                                         ("probe_answer_auroc_within_group", "probe, answer end"))):
+        values = [[figure_of(results[name, s], column) for s in seeds_of(name, args)] for name, _ in rows]
+        sd = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
+        ax.barh(np.arange(len(rows)) + 0.4 * k - 0.2, [np.mean(v) for v in values], 0.4, xerr=sd, capsize=2,
+                color=f"C{k}", label=label)
+    ax.axvline(0.5, color="k", lw=0.8, ls="--")
+    ax.axvline(0.6, color="C3", lw=0.8, ls=":", label="0.60")
+    ax.set_yticks(range(len(rows)), [label for _, label in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0.4, 0.75)
+    ax.set_xlabel("AUROC within fame (held out; mean over the four classes, weighted by size)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    data.write_atomic(os.path.join(args.out, path), evaluation.png(fig))
+
+
 def write_report(args, tables, results):
     uncertainty = ("95% bootstrap intervals over the evaluation questions in brackets" if args.seeds == 1 else
               f"mean ± standard deviation over {args.seeds} seeds")
@@ -425,6 +456,10 @@ def write_report(args, tables, results):
             lines += [f"{caption}:", "", f"![{caption}]({path})", ""]
     if args.grid == "stress":
         lines += stress_markdown(args, tables[0])
+    if args.grid == "instance":
+        instance_plot(args, tables[0], results, "within-fame.png")
+        lines += ["Within fame, per condition: the stated confidence against the probe:", "",
+                  "![AUROC within fame](within-fame.png)", ""]
     if args.grid in CLAIMS:
         lines += claims_markdown(args)
     data.write_atomic(os.path.join(args.out, "report.md"), "\n".join(lines))

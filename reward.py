@@ -3,6 +3,8 @@
     labeled question:    R = 1 - (correct - c)^2        the Brier score, turned into a reward
     unlabeled question:  R = 1 - (s - c)^2              s = the question's stability over its N rollouts
     unparseable answer or confidence:  R = 0            the worst reward either can give
+    --labeled-reward log:  R = log c if right, log(1 - c) if wrong   (c clipped to [0.01, 0.99]; unparseable:
+                           log 0.01, its worst)
 
 `--mix` is the probability that a training question is labeled. Each question draws one seeded uniform u once,
 and is labeled while u < mix: so it keeps its kind across epochs, and under a curriculum (`--mix-schedule`)
@@ -13,6 +15,12 @@ it rewards being right. RLCR (Damani et al. 2025) adds a
 correctness term for that reason; `correct_weight` W adds W * correct on labeled questions (0 = the paper). A
 negative W pays wrong answers outright: the positive control of `experiments.py stress`, which asks whether RL
 can move the model's answers at all at a given dose; it is not a method.
+
+Both are proper scores: a rollout maximizes its expected reward by stating its probability of being right. They
+differ in curvature, which is what pays for resolution (telling right from wrong within a class of questions):
+Brier's penalty is the same parabola everywhere, so stating 30% instead of 10% about a question that is right
+10% of the time costs little; the log score's penalty grows without bound near 0 and 1 (clipped here at 1%), so
+the same mistake costs far more (`--labeled-reward log`, a departure tested by experiments.py instance).
 
 Below c = 0.5 the Brier reward pays a wrong answer more than a right one stated at the same confidence c, by
 1 - 2c: on a question the policy gets partly right but states low confidence about, the advantage pushes the
@@ -31,8 +39,21 @@ import numpy as np
 import calib
 
 
+LOG_FLOOR = 0.01   # the log score's clip: confidences stated in steps of 1% at best, and a finite worst reward
+
+
 def brier_reward(correct, confidence):
     return 1.0 - (float(correct) - confidence) ** 2
+
+
+def log_reward(correct, confidence):
+    """The log score: log c if right, log(1 - c) if wrong, c clipped to [LOG_FLOOR, 1 - LOG_FLOOR]."""
+    c = min(max(confidence, LOG_FLOOR), 1 - LOG_FLOOR)
+    return float(np.log(c if correct else 1 - c))
+
+
+LABELED_REWARDS = {"brier": brier_reward, "log": log_reward}   # --labeled-reward
+UNPARSED = {"brier": 0.0, "log": float(np.log(LOG_FLOOR))}      # each one's worst reward
 
 
 def stability_reward(stability, confidence):
@@ -45,10 +66,10 @@ def labeled_draw(n_questions, mix, seed):
     return np.random.default_rng([seed, 1]).random(n_questions) < mix
 
 
-def group_rewards(responses, aliases, labeled, correct_weight=0.0, unlabeled_target=None):
+def group_rewards(responses, aliases, labeled, correct_weight=0.0, unlabeled_target=None, labeled_reward="brier"):
     """Rewards of one question's N rollouts (their texts), and their grading: what the rewards read, worth
     logging. unlabeled_target(s, answers) gives each rollout's target on an unlabeled question (default: s for
-    all N, the paper's)."""
+    all N, the paper's); labeled_reward: the labeled questions' score (LABELED_REWARDS; Brier, the paper's)."""
     parsed = [calib.parse(r) for r in responses]
     answers = [a for a, _ in parsed]
     s = calib.stability(answers)
@@ -58,9 +79,9 @@ def group_rewards(responses, aliases, labeled, correct_weight=0.0, unlabeled_tar
         right = calib.is_correct(answer, aliases)
         correct.append(right)
         if answer is None or confidence is None:
-            rewards.append(0.0)
+            rewards.append(UNPARSED[labeled_reward] if labeled else 0.0)
         elif labeled:
-            rewards.append(brier_reward(right, confidence) + correct_weight * right)
+            rewards.append(LABELED_REWARDS[labeled_reward](right, confidence) + correct_weight * right)
         else:
             rewards.append(stability_reward(goal, confidence))
     return rewards, {

@@ -30,7 +30,7 @@ import data
 import lora
 import reward
 from cli import UserError
-from model import model_id
+from model import inside_folder, model_id
 from parallel import barrier
 
 LR, TINY_LR = 1e-4, 3e-4   # --lr's defaults
@@ -93,6 +93,15 @@ def parser(doc):
     g.add_argument("--correct-weight", type=cli.finite, default=0.0,
                    help="RLCR-style bonus W * correct on labeled questions (0 = the paper's reward; below 0 it pays "
                         "wrong answers: the positive control of experiments.py stress, not a method)")
+    g.add_argument("--labeled-reward", choices=["brier", "log"], default="brier",
+                   help="the labeled questions' reward: the Brier score (the paper's) or the log score, log c if "
+                        "right and log(1 - c) if wrong, whose steeper curvature pays more for telling right from "
+                        "wrong (reward.py)")
+    g.add_argument("--supervised-bound", action="store_true",
+                   help="a diagnostic, not the method: instead of REINFORCE, fit the same LoRA by cross-entropy on "
+                        "the confidence tokens of its own rollouts, each rewritten to state its question's share of "
+                        "right answers among the N (train.py:supervised_targets): what the adapter can learn to say "
+                        "when told, an upper bound for what RL teaches it")
     g.add_argument("--rollouts", type=cli.count, default=8, help="answers sampled per question (N, at least 2)")
     g.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
                    help="ask each question K ways, N / K rollouts each, and measure its stability over all N "
@@ -161,6 +170,10 @@ def parse_args(argv, doc):
                 f"--paraphrases {len(calib.PARAPHRASE_PROMPTS) + 1} at most")
     if args.stability_target == "platt" and max(args.mix_schedule or (args.mix,)) == 0:
         p.error("--stability-target platt fits P(correct | s) to labeled questions: it needs --mix above 0")
+    if args.supervised_bound and (args.credit, args.stability_target, args.correct_weight, args.labeled_reward) != \
+            ("all", "raw", 0.0, "brier"):
+        p.error("--supervised-bound learns from no reward: --credit, --stability-target, --correct-weight and "
+                "--labeled-reward do not apply to it")
     if args.lr is None:
         args.lr = TINY_LR if args.model == "tiny" else LR
     cli.check_writable(args.out, "--out", folder=True)
@@ -235,12 +248,19 @@ def resumed_flags(make_parser, argv, args):
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            return make_parser().parse_args([token for key, value in kept.items() for token in as_flag(key, value)]
-                                            + argv)
+            resumed = make_parser().parse_args([token for key, value in kept.items()
+                                                for token in as_flag(key, value)] + argv)
     except SystemExit:
         refusal = said.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
         raise UserError(f"{path} holds a value its flag refuses ({refusal}): it was changed or damaged since the "
                         "run began; restore it, or start over in another --out") from None
+    # a path read back is written to only where the run's own files are, or where a start without it writes:
+    # a config.json edited to name a file elsewhere does not send the final adapter there unasked
+    ckpt = kept.get("ckpt")
+    if ckpt not in (None, make_parser().get_default("ckpt")) and not inside_folder(args.out, os.path.abspath(ckpt)):
+        raise UserError(f"{path} names --ckpt {ckpt}, outside the run folder: to write the final adapter there, "
+                        f"say so (--out {args.out} --resume --ckpt {ckpt}), or pass another --ckpt")
+    return resumed
 
 
 def as_flag(key, value):

@@ -31,7 +31,10 @@ Flags that depart from the paper's estimator (its choice is each one's default, 
                              wrong answers, to see whether answers can move at all);
   --paraphrases K            a question asked K ways, N / K rollouts each, its stability over all N (the paper's
                              open question);
-  --mix-schedule START:END   a curriculum of the labeled share.
+  --mix-schedule START:END   a curriculum of the labeled share;
+  --labeled-reward log       the log score instead of Brier on labeled questions (reward.py: steeper near 0 and 1).
+And one diagnostic that is not the method: --supervised-bound fits the same LoRA by cross-entropy to told
+confidences (supervised_targets), the upper bound of what the adapter can learn to say.
 
 This file is the method and its loop; the flags and the run folder (config, metrics log, checkpoints, resume,
 trackers) are in run.py.
@@ -43,7 +46,7 @@ trackers) are in run.py.
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -96,12 +99,15 @@ def train_step(model, tok, optimizer, questions, indices, labeled, args, step, n
     graded = []
     for index, question, is_labeled, completions in zip(indices, questions, labeled, answers):
         rewards, grading = reward.group_rewards([c.text for c in completions], question["answers"], is_labeled,
-                                                args.correct_weight, unlabeled_target)   # R_i, and what to log
+                                                args.correct_weight, unlabeled_target,
+                                                args.labeled_reward)   # R_i, and what to log
         graded.append(Graded(int(index), question, is_labeled, completions, rewards, grading))
     advantages = [a for q in graded for a in q.advantages()]                          # A_i = R_i - mean_j R_j
     starts = credit_starts(tok, graded, args)
-    t2 = time.perf_counter()
     out = [c for q in graded for c in q.completions]
+    if args.supervised_bound:   # the diagnostic: no rewards learned from, the confidence told instead
+        out, advantages, starts = supervised_targets(tok, graded)
+    t2 = time.perf_counter()
     loss, mismatch, learned_tokens = learn(model, optimizer, prompts, out, advantages, args,
                                            n_questions * args.rollouts, starts)
     t3 = time.perf_counter()
@@ -140,6 +146,29 @@ def credit_starts(tok, graded, args):
     return starts
 
 
+def supervised_targets(tok, graded):
+    """--supervised-bound, a diagnostic and not the method: the same LoRA fitted by cross-entropy on the confidence
+    tokens, towards a target that knows the question. Each rollout with a parsable answer and confidence is
+    rewritten to state its question's share of right answers among its N rollouts (rounded to 10%, the steps the
+    model states), and carries advantage 1 from its confidence statement on, so learn()'s loss is
+    -sum log p(target tokens) / (rollouts * max_new_tokens). Rollouts without one carry no target (advantage 0).
+    If the adapter learns to rank within a fame class this way, it can carry that signal and RL does not deliver
+    it; if not, the adapter or the world is the limit. Returns (completions, advantages, starts) for learn()."""
+    out, advantages, starts = [], [], []
+    for q in graded:
+        target = 10 * round(10 * float(np.mean(q.grading["correct"])))   # percent
+        for c, parsed in zip(q.completions, q.grading["parsed"]):
+            start = confidence_start(tok, c.ids) if parsed else 0
+            if parsed:   # what precedes the label (a newline in a token of its own or not) is kept as it was
+                tail = c.text[len(tok.decode(c.ids[:start])):calib.confidence_at(c.text)] + f"Confidence: {target}%"
+                ids = c.ids[:start] + tok.encode(tail) + (c.ids[-1:] if c.stopped else [])   # its stop token
+                c = replace(c, ids=ids, text=tok.decode(ids))
+            out.append(replace(c, logprobs=None))
+            advantages.append(1.0 if parsed else 0.0)
+            starts.append(start)
+    return out, advantages, starts
+
+
 def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=None):
     """One REINFORCE step, micro-batched by prompts (a question's, or each of its phrasings with --paraphrases).
     Returns (loss, sum of |log p_learn - log p_sample|, tokens).
@@ -160,9 +189,12 @@ def learn(model, optimizer, prompts, out, advantages, args, n_rollouts, starts=N
         rows = [p * per_prompt + j for p in micro_batch for j in range(per_prompt)]   # these prompts' rollouts
         logp, mask = completion_logprobs(model, [prompts[p] for p in micro_batch], [out[i].ids for i in rows],
                                          per_prompt, args.temperature)
-        sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor(
-            [x for i in rows for x in out[i].logprobs], device=logp.device))   # log p_sample, as the sampler saw it
-        log_ratio = (logp.detach() - sampled) * mask                            # log p_learn - log p_sample
+        if out[rows[0]].logprobs is None:   # --supervised-bound's rewritten targets: no sampler to weigh against
+            log_ratio = torch.zeros_like(logp)
+        else:
+            sampled = torch.zeros_like(logp).masked_scatter(mask, torch.tensor(
+                [x for i in rows for x in out[i].logprobs], device=logp.device))   # log p_sample, as sampled
+            log_ratio = (logp.detach() - sampled) * mask                            # log p_learn - log p_sample
         weight = importance_weight(log_ratio, args.is_cap)
         credited = credited_tokens(mask, [starts[i] if starts else 0 for i in rows])
         adv = torch.tensor([advantages[i] for i in rows], device=logp.device)

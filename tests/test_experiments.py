@@ -264,7 +264,7 @@ def test_a_probed_grid_adds_the_probe_beside_each_runs_own_evaluation(tmp_path, 
     FOLDER/eval-probe, and the report takes the probe's figures from it. This test model answers too few questions
     right for a probe (eval.py gives no figure and says so): the table shows none, rather than noise."""
     model, questions = formatted
-    monkeypatch.setattr(experiments, "PROBED", {"two"})
+    monkeypatch.setattr(experiments, "PROBED", {"two": ("eval-probe", ("--probe",))})
     grids.GRIDS["two"].append(grids.Table(
         "Probe", ("auroc", "auroc_probe_prompt", "auroc_probe_answer"),
         (("untrained", "untrained", {}), ("T", "run T", {})), plots=False))

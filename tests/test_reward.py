@@ -15,6 +15,30 @@ def test_brier_and_stability_rewards_by_hand():
     assert reward.stability_reward(2 / 3, 0.5) == pytest.approx(1 - (1 / 6) ** 2)
 
 
+def test_the_log_score_by_hand_is_clipped_and_pays_resolution_more_than_brier():
+    assert reward.log_reward(True, 0.8) == pytest.approx(np.log(0.8))
+    assert reward.log_reward(False, 0.8) == pytest.approx(np.log(0.2))
+    assert reward.log_reward(True, 0.0) == reward.log_reward(False, 1.0) == pytest.approx(np.log(0.01))   # clipped
+    assert reward.log_reward(True, 1.0) == pytest.approx(np.log(0.99))
+    # a question right 10% of the time: stating 30% instead of 10% costs the log score more than Brier, relative
+    # to what each pays for the truth (the curvature that pays for resolution)
+    expected = lambda score, c: 0.1 * score(True, c) + 0.9 * score(False, c)
+    for score in (reward.brier_reward, reward.log_reward):   # both proper: the truth pays best
+        assert expected(score, 0.1) > max(expected(score, c) for c in (0.05, 0.2, 0.3, 0.5))
+    loss = {s: expected(s, 0.1) - expected(s, 0.3) for s in (reward.brier_reward, reward.log_reward)}
+    assert loss[reward.log_reward] > 2.5 * loss[reward.brier_reward]   # 0.116 against 0.040
+
+
+def test_the_log_score_as_the_labeled_reward_gives_a_failure_its_worst():
+    rewards, _ = reward.group_rewards(RESPONSES, ["Paris"], labeled=True, labeled_reward="log")
+    assert rewards == pytest.approx([np.log(0.9), np.log(0.6), np.log(0.99), np.log(0.01), np.log(0.99),
+                                     np.log(0.8), np.log(0.5), np.log(0.01)])
+    assert min(rewards) == reward.log_reward(False, 1.0)   # no confidence: as bad as confidently wrong
+    # an unlabeled question keeps the stability reward
+    assert reward.group_rewards(RESPONSES, ["Paris"], False, labeled_reward="log")[0] == \
+        reward.group_rewards(RESPONSES, ["Paris"], False)[0]
+
+
 def test_mix_draw_is_seeded_and_has_the_asked_share():
     a = reward.labeled_draw(10_000, 0.3, seed=5)
     assert np.array_equal(a, reward.labeled_draw(10_000, 0.3, seed=5))

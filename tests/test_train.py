@@ -244,7 +244,13 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert not (tmp_path / "part.safetensors").exists() and len(records(part)) == 5
     with open(part / "metrics.jsonl", "a") as f:   # a step logged after the last checkpoint, then a crash
         f.write(json.dumps({"step": 5, "reward": -1}) + "\n")
-    train.main(["--out", str(part), "--resume", "--save-every", "2"])   # the run's flags come from its folder
+    # the run's flags come from its folder; a path it would write, outside it, only when said again
+    before = snapshot(part)
+    with pytest.raises(UserError, match=f"names --ckpt {tmp_path / 'part.safetensors'}, outside the run folder: to "
+                                        f"write the final adapter there, say so \\(--out {part} --resume --ckpt"):
+        train.main(["--out", str(part), "--resume"])
+    assert snapshot(part) == before
+    train.main(["--out", str(part), "--resume", "--ckpt", str(tmp_path / "part.safetensors"), "--save-every", "2"])
     assert records(part) == log
     from safetensors.torch import load_file
     a, b = load_file(str(final)), load_file(str(tmp_path / "part.safetensors"))
@@ -292,6 +298,51 @@ def test_confidence_credit_puts_the_advantage_on_the_confidence_tokens_only(tiny
     expected = lora_grads(model, -(logp[0, starts[0]:].sum() - logp[1, starts[1]:].sum()) / (2 * 16))
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(credited, expected))
     assert not all(torch.allclose(a, b, atol=1e-7) for a, b in zip(gradients([0, 0]), expected))
+
+
+def test_the_supervised_bound_tells_each_rollout_its_questions_share_of_right_answers(tiny_untied):
+    """--supervised-bound (a diagnostic): every parsed rollout is rewritten to state its question's share of
+    right answers among its rollouts, its own tokens kept up to the confidence; the loss is the cross-entropy of
+    the told confidence tokens alone."""
+    tok = ChatTokenizer(tiny_untied)
+    texts = ["Answer: 4\nConfidence: 90%", "Answer: 5\nConfidence: 85%", "Answer: 4\nConfidence: 20%", "4"]
+    completions = [Completion(prompt=0, ids=tok.encode(t) + [tok.stop_ids[0]], logprobs=[-1.0] * 12, text=t,
+                              stopped=True) for t in texts]
+    rewards, grading = reward.group_rewards(texts, ["4"], labeled=True)
+    graded = [train.Graded(0, {"question": "2 plus 2?", "answers": ["4"]}, True, completions, rewards, grading)]
+    out, advantages, starts = train.supervised_targets(tok, graded)
+    # two of the four answers are right: 50%, told to the three that state a confidence
+    assert [calib.parse(c.text) for c in out] == [("4", 0.5), ("5", 0.5), ("4", 0.5), (None, None)]
+    assert advantages == [1.0, 1.0, 1.0, 0.0] and all(c.logprobs is None for c in out)
+    for before, after, start in zip(completions[:3], out, starts):
+        assert after.ids[:start] == before.ids[:start] and after.ids[-1] == tok.stop_ids[0]
+        assert tok.decode(after.ids[start:]) == "Confidence: 50%"
+    assert out[3].ids == completions[3].ids and starts[3] == 0
+    # learn() on them: the gradient of -sum log p(told confidence tokens), nothing weighed against a sampler
+    model = lora.add_lora(load_model(tiny_untied))
+    for m in lora.lora_layers(model):
+        m.lora_up.weight.data.normal_(0, 0.05)
+    prompt = tok.encode("Question: 2 plus 2?")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loss, mismatch, _ = train.learn(model, optimizer, [prompt], out, advantages, learn_args(rollouts=4), 4, starts)
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    logp, _ = train.completion_logprobs(model, [prompt], [c.ids for c in out], 4)
+    told = -sum(logp[i, starts[i]:].sum() for i in range(3)) / (4 * 16)
+    assert loss == pytest.approx(told.item(), rel=1e-5) and mismatch == 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads, lora_grads(model, told)))
+
+
+def test_the_supervised_bound_trains_and_takes_no_reward_flags(tmp_path, formatted, capsys):
+    model_dir, questions = formatted
+    folder = train_run(tmp_path, model_dir, questions, "--supervised-bound", "--epochs", "1")
+    logged = records(folder)
+    assert len(logged) == 4 and all(r["policy_mismatch"] == 0 and r["loss"] >= 0 for r in logged)   # -log p
+    assert any(r["loss"] > 0 for r in logged)
+    assert json.load(open(folder / "config.json"))["supervised_bound"] is True
+    for flags in (["--credit", "confidence"], ["--labeled-reward", "log"], ["--correct-weight", "1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--supervised-bound", *flags])
+        assert "--supervised-bound learns from no reward" in capsys.readouterr().err
 
 
 def test_mix_schedule_moves_the_labeled_share_linearly(tmp_path, formatted):
@@ -369,7 +420,7 @@ def test_a_run_folder_read_back_is_checked_like_input_and_a_refusal_changes_noth
     questions = write_questions(tmp_path / "q.jsonl", n=4)
     run = tmp_path / "r"
     args = ["--model", tiny_tied, "--dataset", questions, "--data", "4", "--epochs", "2", "--batch", "4",
-            "--rollouts", "2", "--max-new-tokens", "14", "--out", str(run), "--ckpt", str(tmp_path / "c"),
+            "--rollouts", "2", "--max-new-tokens", "14", "--out", str(run), "--ckpt", str(run / "final.safetensors"),
             "--max-steps", "1"]
     train.main(args)
     config = json.loads((run / "config.json").read_text())
@@ -689,7 +740,7 @@ def test_rollouts_spread_over_the_phrasings_each_scored_against_its_own_prompt(t
     questions = data.read_jsonl(write_paraphrased(tmp_path / "q.jsonl", 2))
     args = types.SimpleNamespace(paraphrases=2, rollouts=4, max_new_tokens=12, temperature=1.0, seed=0, mix=0.5,
                                  correct_weight=0.0, credit="all", is_cap=2.0, clip=1.0, micro_batch_tokens=4096,
-                                 decode="eager")
+                                 decode="eager", labeled_reward="brier", supervised_bound=False)
     prompts, answers = train.sample_answers(model, tok, questions, [0, 1], args, step=0)
     assert [len(completions) for completions in answers] == [4, 4]   # each question's N answers together
     out = [c for completions in answers for c in completions]
@@ -800,13 +851,14 @@ def test_one_run_folder_holds_one_live_run_and_a_killed_one_lets_go(tmp_path, fo
             time.sleep(0.2)
         with pytest.raises(UserError, match=rf"r is in use by another training process \(process {live.pid}\): a "
                                             "run folder holds one live run"):
-            train.main(["--out", str(folder), "--resume"])
+            train.main(["--out", str(folder), "--resume", "--ckpt", str(tmp_path / "c.safetensors")])
         lines = len(data.read_records(folder / "metrics.jsonl"))   # a line being written is left out
     finally:
         live.send_signal(signal.SIGKILL)
         live.wait()
     assert lines > 0   # the refused start wrote nothing: no second writer in the log
-    train.main(["--out", str(folder), "--resume", "--max-steps", str(lines + 1)])
+    train.main(["--out", str(folder), "--resume", "--ckpt", str(tmp_path / "c.safetensors"), "--max-steps",
+                str(lines + 1)])
     assert [r["step"] for r in records(folder)] == list(range(len(records(folder))))   # one run, in order
 
 
@@ -820,7 +872,7 @@ def test_a_question_file_changed_under_a_run_is_refused(tmp_path, formatted):
     with open(questions, "w") as f:   # the same questions in another order: another pool
         f.write("\n".join(rows[::-1]) + "\n")
     with pytest.raises(UserError, match="the question file .*q.jsonl has changed since the run began"):
-        train.main(["--out", str(tmp_path / "r"), "--resume"])
+        train.main(["--out", str(tmp_path / "r"), "--resume", "--ckpt", str(tmp_path / "c.safetensors")])
 
 
 def test_the_eager_decode_and_learning_step_are_pinned(tmp_path):
