@@ -311,7 +311,7 @@ def test_the_supervised_bound_tells_each_rollout_its_questions_share_of_right_an
     rewards, grading = reward.group_rewards(texts, ["4"], labeled=True)
     graded = [train.Graded(0, {"question": "2 plus 2?", "answers": ["4"]}, True, completions, rewards, grading)]
     out, advantages, starts = train.supervised_targets(tok, graded)
-    # two of the four answers are right: 50%, told to the three that state a confidence
+    # two of the four answers are right: a share of 0.5, in the bin of 50%, told to the three that state one
     assert [calib.parse(c.text) for c in out] == [("4", 0.5), ("5", 0.5), ("4", 0.5), (None, None)]
     assert advantages == [1.0, 1.0, 1.0, 0.0] and all(c.logprobs is None for c in out)
     for before, after, start in zip(completions[:3], out, starts):
