@@ -24,6 +24,7 @@ import cli
 import data
 import lora
 import reward
+import train
 from cli import UserError
 from model import ChatTokenizer, check_fits, load_model, model_id
 from parallel import distributed, gather, rank_and_world
@@ -45,6 +46,9 @@ SAMPLED = ["mean_stability", "r_stability_correct", "r_confidence_correct", "aur
 MIN_RESAMPLES = 20   # --bootstrap: fewer draws put the 2.5th and 97.5th percentiles anywhere
 PROBED = ["auroc_probe_prompt", "auroc_probe_answer", "probe_prompt_auroc_within_group",
           "probe_answer_auroc_within_group"]                                  # with --probe
+EXPECTED = ["auroc_expected_confidence", "expected_confidence_auroc_within_group", "ece_expected_confidence",
+            "calibration_gap_expected_confidence"]                             # with --expected-confidence
+STATED_VALUES = tuple(range(0, 101, 5))   # --expected-confidence: the values (%) a confidence is read over
 GROUP_TABLE = ["n", "accuracy", "mean_confidence", "calibration_gap", "auroc", "mean_stability", "auroc_stability",
                "mean_stability_paraphrased", "auroc_stability_paraphrased", "auroc_probe_prompt",
                "auroc_probe_answer"]   # per group
@@ -75,6 +79,10 @@ def parser():
                    help="also fit a linear probe (logistic regression, 5-fold cross-validated) on the last hidden "
                         "state where the answer starts and where it ends, predicting the greedy answer's "
                         "correctness: the ceiling beside the stated confidence (one forward pass per question)")
+    p.add_argument("--expected-confidence", action="store_true",
+                   help="also read each greedy response's confidence as the mean of the model's own distribution "
+                        "over the values it could state after its 'Confidence: ' label (0%%, 5%%, ..., 100%%, each "
+                        "scored by teacher forcing): the greedy string states that distribution's mode")
     p.add_argument("--group-by", metavar="FIELD",
                    help="a field of the question file (the tiny world's: kind, fame): the figures per group, the "
                         "AUROC within groups, and the AUROC of the per-group accuracy as the confidence")
@@ -171,6 +179,7 @@ def answer_all(model, tok, questions, args, label):
                                   seeds=[seed_of(args.seed, i + j, p) for j in range(len(batch)) for p in range(k)],
                                   decode=args.decode) if k > 1 else []
         hidden = probe_features(model, prompts, [out.ids for out in greedy]) if args.probe else []
+        expected = expected_confidences(model, tok, prompts, greedy) if args.expected_confidence else []
         records = []
         for j, (q, out) in enumerate(zip(batch, greedy)):
             answer, confidence = calib.parse(out.text)
@@ -183,7 +192,8 @@ def answer_all(model, tok, questions, args, label):
                             "alternative": bool(ALTERNATIVE.search(out.text)),
                             "stability": calib.stability(sampled) if sampled else None,
                             **({"stability_paraphrased": calib.stability(paraphrased)} if paraphrased else {}),
-                            **({"hidden_prompt": hidden[j][0], "hidden_answer": hidden[j][1]} if hidden else {})})
+                            **({"hidden_prompt": hidden[j][0], "hidden_answer": hidden[j][1]} if hidden else {}),
+                            **({"expected_confidence": expected[j]} if expected else {})})
         answered.append((i, records))
     return [r for _, records in sorted(x for share in gather(answered) for x in share) for r in records]
 
@@ -198,6 +208,28 @@ def probe_features(model, prompts, completions):
         h = model.hidden_states(ids, valid).float().cpu().numpy()
     T = ids.shape[1]   # every sequence ends at T - 1; its prompt at T - 1 - (answer length)
     return [(h[i, T - 1 - len(c)], h[i, T - 1]) for i, c in enumerate(completions)]
+
+
+def expected_confidences(model, tok, prompts, greedy):
+    """--expected-confidence: for each greedy response, E[c] = sum_v v p(v) over the values v in STATED_VALUES,
+    p(v) the model's probability of the string "v%" right after the response up to its confidence label (written
+    "Confidence: "), normalized over the values; None where the response states no confidence. A confidence is
+    stated digit by digit and read greedily, so the string is the mode of this distribution: a policy that puts
+    60% on "30%" and 40% on "90%" says 30% whatever the split. The mean keeps the split. No answer changes."""
+    candidates = [tok.encode(f"{v}%") for v in STATED_VALUES]
+    stated = [j for j, out in enumerate(greedy) if calib.parse(out.text)[1] is not None]
+    prefixes = [tok.encode(greedy[j].text[:calib.confidence_at(greedy[j].text)] + "Confidence: ") for j in stated]
+    expected = [None] * len(greedy)
+    if not stated:
+        return expected
+    with torch.no_grad():   # each prompt + prefix once, its candidates after it (train.completion_logprobs)
+        logp, _ = train.completion_logprobs(model, [prompts[j] for j in stated],
+                                            [prefix + c for prefix in prefixes for c in candidates], len(candidates))
+    values = torch.tensor(STATED_VALUES, dtype=torch.float) / 100
+    for k, (j, prefix) in enumerate(zip(stated, prefixes)):
+        rows = logp[k * len(candidates):(k + 1) * len(candidates), len(prefix):].sum(1).float().cpu()
+        expected[j] = float(torch.softmax(rows, 0) @ values)
+    return expected
 
 
 def add_probe_scores(records, seed):
@@ -255,6 +287,15 @@ def figures(records, group_by=None):
         if group_by:
             result[f"probe_{position}_auroc_within_group"] = calib.grouped_auroc(
                 scores, correct, [r[group_by] for r in records])[0]
+    if "expected_confidence" in records[0]:   # --expected-confidence: the same measures of the mean, not the mode
+        rows = [r for r in records if r["expected_confidence"] is not None]
+        expected, right = [r["expected_confidence"] for r in rows], [r["correct"] for r in rows]
+        result["auroc_expected_confidence"] = calib.auroc(expected, right)
+        result["ece_expected_confidence"] = calib.ece(expected, right)
+        result["calibration_gap_expected_confidence"] = float(np.mean(expected) - np.mean(right)) if rows else np.nan
+        if group_by:
+            result["expected_confidence_auroc_within_group"] = calib.grouped_auroc(
+                expected, right, [r[group_by] for r in rows])[0]
     if "stability_paraphrased" in records[0]:
         stability = [r["stability_paraphrased"] for r in records]
         result["mean_stability_paraphrased"] = float(np.mean(stability))
@@ -269,7 +310,7 @@ def figures(records, group_by=None):
 
 def print_table(results):
     labels = list(results)
-    rows = TABLE + [k for k in GROUPED + SAMPLED + PROBED if k in results[labels[0]]]
+    rows = TABLE + [k for k in GROUPED + SAMPLED + PROBED + EXPECTED if k in results[labels[0]]]
     width = max(24, *(len(label) + 2 for label in labels))
     name = max(map(len, rows)) + 2
     print(f"{'metric':{name}s}" + "".join(f"{label:>{width}s}" for label in labels))

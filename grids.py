@@ -224,8 +224,9 @@ GRIDS = {
     ],
     "instance": [
         Table("Within a fame class: does the stated confidence rank right above wrong? (1,600 questions, 2 epochs)",
-              ("accuracy", "calibration_gap", "ece", "auroc", "auroc_within_group", "probe_answer_auroc_within_group",
-               "auroc_group_base_rate", "brier_resolution"),
+              ("accuracy", "calibration_gap", "ece", "auroc", "auroc_within_group", "auroc_expected_confidence",
+               "expected_confidence_auroc_within_group", "ece_expected_confidence", "probe_answer_auroc_within_group",
+               "auroc_group_base_rate"),
               (("untrained", "untrained", {}),
                ("C", "C: 50/50 mix, rank 1", {}), ("C-r8", "C, rank 8", {}), ("C-r32", "C, rank 32", {}),
                ("B", "B: pure Brier, rank 1", {}), ("B-r8", "B, rank 8", {}), ("B-r32", "B, rank 32", {}),
@@ -233,18 +234,21 @@ GRIDS = {
                ("C-n16", "C, 16 rollouts per question", {}),
                ("bound", "supervised bound, rank 1 (a diagnostic)", {}),
                ("bound-r32", "supervised bound, rank 32 (a diagnostic)", {})),
-              "Every run evaluated with eval.py --probe --group-by fame (FOLDER/eval-fame). AUROC within fame: the "
-              "mean over the four fame classes, weighted by their size; the probe's: a linear probe on the hidden "
-              "state where the answer ends (what the model knows); per-fame accuracy's: what a confidence that "
-              "knows only the class scores. The supervised bound is not the method: the same LoRA fitted by "
-              "cross-entropy to confidences that state each training question's share of right answers among 8 "
-              "samples (train.py --supervised-bound).", group="fame"),
+              "Every run evaluated with eval.py --probe --group-by fame --expected-confidence (FOLDER/eval-fame). "
+              "AUROC within fame: the mean over the four fame classes, weighted by their size. 'Expected': the same "
+              "greedy response's confidence read as the mean of the model's own distribution over the values it "
+              "could state (0%, 5%, ..., 100%), where the greedy string states its mode. The probe: a linear probe "
+              "on the hidden state where the answer ends (what the model knows); per-fame accuracy: what a "
+              "confidence that knows only the class scores. The supervised bound is not the method: the same LoRA "
+              "fitted by cross-entropy to confidences that state each training question's share of right answers "
+              "among 8 samples, in five bins (train.py --supervised-bound).", group="fame"),
     ],
 }
 ON_TRAINING_QUESTIONS = {"stress"}   # grids whose runs are also evaluated on the questions they trained on
 # grids whose runs are evaluated once more with eval.py --probe (the probe's ceiling): into FOLDER/<subfolder>,
 # with these flags beside the run's own evaluation's; its figures are the grid's (the same greedy answers)
-PROBED = {"paper": ("eval-probe", ("--probe",)), "instance": ("eval-fame", ("--probe", "--group-by", "fame"))}
+PROBED = {"paper": ("eval-probe", ("--probe",)),
+          "instance": ("eval-fame", ("--probe", "--group-by", "fame", "--expected-confidence"))}
 
 # ----------------------------------------------------------------------------------------------------------
 # The paper's claims, each tested by a difference between conditions (or between two figures of one): its 95%
@@ -321,6 +325,14 @@ CLAIMS["instance"] = [   # does anything make the stated confidence rank within 
     *(Claim(f"Within fame, the probe ranks better than the stated confidence: {name}",
             "probe_answer_auroc_within_group", name, name, "auroc_within_group", questions="eval-fame",
             group_by="fame") for name in ("untrained", "C", "B", *INSTANCE)),
+    *(Claim(f"Within fame, the stated confidence read as its mean ranks better than its greedy string: {name}",
+            "expected_confidence_auroc_within_group", name, name, "auroc_within_group", questions="eval-fame",
+            group_by="fame") for name in ("untrained", "C", "B", *INSTANCE)),
+    Claim("C's confidence read as its mean ranks within fame as well as the probe (a negative difference: the "
+          "probe ranks better)", "expected_confidence_auroc_within_group", "C", "C", "probe_answer_auroc_within_group",
+          questions="eval-fame", group_by="fame"),
+    Claim("C's confidence read as its mean ranks better overall than its greedy string", "auroc_expected_confidence",
+          "C", "C", "auroc", questions="eval-fame"),
 ]
 
 # ----------------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def claims_markdown(args):
 # ----------------------------------------------------------------------------------------------------------
 # The report: the paper's figures beside ours, training curves, reliability diagrams.
 
-PERCENT = {"accuracy", "calibration_gap", "ece", "gap_reduction", "parse_failure_rate", "confidence_when_correct",
+PERCENT = {"accuracy", "calibration_gap", "ece", "ece_expected_confidence", "gap_reduction", "parse_failure_rate", "confidence_when_correct",
            "confidence_when_wrong", "abstention_rate", "mean_confidence"}
 SIGNED = {"calibration_gap"}
 NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": "AUROC", "ece": "ECE",
@@ -117,7 +117,9 @@ NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": 
          "auroc_stability_paraphrased": "stability's AUROC over 4 phrasings", "e_aurc": "E-AURC",
          "brier_resolution": "Brier resolution", "auroc_probe_prompt": "probe's AUROC, answer start",
          "auroc_probe_answer": "probe's AUROC, answer end",
-         "probe_answer_auroc_within_group": "probe's AUROC within kind, answer end"}
+         "probe_answer_auroc_within_group": "probe's AUROC within kind, answer end",
+         "auroc_expected_confidence": "AUROC, expected", "expected_confidence_auroc_within_group":
+         "AUROC within kind, expected", "ece_expected_confidence": "ECE, expected"}
 
 
 def format_figure(value, column):
@@ -415,18 +417,21 @@ def stress_markdown(args, table):
 
 
 def instance_plot(args, table, results, path):
-    """Per condition: the stated confidence's AUROC within fame against the probe's (the hidden state where the
-    answer ends), mean and sd over seeds; a coin at 0.5, the issue's aim at 0.6."""
+    """Per condition: the stated confidence's AUROC within fame, as stated (greedy) and read as its mean
+    (--expected-confidence), against the probe's (the hidden state where the answer ends), mean and sd over seeds;
+    a coin at 0.5, the aim of 0.6."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [(name, label) for name, label, _ in table.rows]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    for k, (column, label) in enumerate((("auroc_within_group", "stated confidence"),
-                                         ("probe_answer_auroc_within_group", "probe, answer end"))):
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.2))
+    bars = (("auroc_within_group", "stated confidence (greedy: the mode)"),
+            ("expected_confidence_auroc_within_group", "stated confidence, its mean"),
+            ("probe_answer_auroc_within_group", "probe, answer end"))
+    for k, (column, label) in enumerate(bars):
         values = [[figure_of(results[name, s], column) for s in seeds_of(name, args)] for name, _ in rows]
         sd = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
-        ax.barh(np.arange(len(rows)) + 0.4 * k - 0.2, [np.mean(v) for v in values], 0.4, xerr=sd, capsize=2,
+        ax.barh(np.arange(len(rows)) + 0.27 * (k - 1), [np.mean(v) for v in values], 0.27, xerr=sd, capsize=2,
                 color=f"C{k}", label=label)
     ax.axvline(0.5, color="k", lw=0.8, ls="--")
     ax.axvline(0.6, color="C3", lw=0.8, ls=":", label="0.60")

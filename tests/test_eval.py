@@ -327,3 +327,47 @@ def test_an_evaluation_of_weights_that_are_not_finite_is_an_error_not_a_score(tm
         evaluation.main(["--model", str(folder), "--dataset", str(questions), "--max-new-tokens", "4",
                          "--out", str(tmp_path / "e")])
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_the_expected_confidence_is_the_mean_of_the_models_own_distribution_over_stated_values(tiny_untied, formatted,
+                                                                                              tmp_path):
+    """--expected-confidence: each value's string scored after the response up to its confidence label, by a full
+    forward pass of its own here; the mean over the values, normalized; None without a stated confidence."""
+    from model import ChatTokenizer
+    from rollout import Completion
+    model, tok = load_model(tiny_untied), ChatTokenizer(tiny_untied)
+    prompts = [tok.encode("Question: 2 plus 2?"), tok.encode("Question: where?")]
+    greedy = [Completion(0, [], [], "Answer: 4\nConfidence: 80%", True), Completion(1, [], [], "Answer: x", True)]
+    expected = evaluation.expected_confidences(model, tok, prompts, greedy)
+    assert expected[1] is None
+    prefix = tok.encode("Answer: 4\nConfidence: ")
+    scores = []
+    with torch.no_grad():
+        for v in evaluation.STATED_VALUES:
+            ids = tok.encode(f"{v}%")
+            logits = model(torch.tensor([prompts[0] + prefix + ids]))[0].float().log_softmax(-1)
+            start = len(prompts[0]) + len(prefix)
+            scores.append(sum(logits[start - 1 + t, i].item() for t, i in enumerate(ids)))
+    p = np.exp(np.array(scores) - max(scores))
+    assert expected[0] == pytest.approx(float(p @ np.array(evaluation.STATED_VALUES)) / 100 / p.sum(), abs=1e-5)
+    # its figures: the measures of the stated confidence, of the mean; a response without one is left out
+    records = [{"confidence": 0.8, "correct": y, "abstained": False, "alternative": False, "stability": None,
+                "expected_confidence": e, "fame": f} for y, e, f in
+               ((True, 0.9, "a"), (False, 0.2, "a"), (True, 0.6, "b"), (False, 0.5, "b"), (False, None, "b"))]
+    figures = evaluation.figures(records, "fame")
+    assert figures["auroc_expected_confidence"] == 1.0 and figures["expected_confidence_auroc_within_group"] == 1.0
+    assert figures["auroc"] == 0.5 and figures["calibration_gap_expected_confidence"] == pytest.approx(0.55 - 0.5)
+    # through eval.py: every record carries it, the figures are of them, the answers are the greedy ones as before
+    model_dir, questions = formatted
+    flags = ["--model", model_dir, "--dataset", questions, "--n", "8", "--max-new-tokens", "16", "--bootstrap", "0"]
+    evaluation.main(flags + ["--expected-confidence", "--out", str(tmp_path / "e")])
+    evaluation.main(flags + ["--out", str(tmp_path / "plain")])
+    records = [json.loads(line) for line in open(tmp_path / "e" / "responses-base.jsonl")]
+    plain = [json.loads(line) for line in open(tmp_path / "plain" / "responses-base.jsonl")]
+    assert [r["response"] for r in records] == [r["response"] for r in plain]
+    assert all((r["expected_confidence"] is None) == (r["confidence"] is None) for r in records)
+    stated = [r for r in records if r["confidence"] is not None]
+    assert stated and all(0 <= r["expected_confidence"] <= 1 for r in stated)
+    base = json.load(open(tmp_path / "e" / "metrics.json"))["base"]
+    assert base["ece_expected_confidence"] == pytest.approx(
+        calib.ece([r["expected_confidence"] for r in stated], [r["correct"] for r in stated]))
