@@ -20,6 +20,9 @@ Grids:
               1,600 questions and at 3x the learning rate, beside a positive control that pays wrong answers
               (8 epochs); every run also evaluated on the questions it trained on; accuracy by fame, answers
               changed, the answer push by fame, accuracy against dose
+  instance    why no run's stated confidence ranks within a fame class: B and C at LoRA rank 8 and 32, the log
+              score as the labeled reward, 16 rollouts, and the supervised bound (a diagnostic) at rank 1 and 32;
+              every run evaluated with --probe --group-by fame --expected-confidence
 
 Every condition trains in RUNS/<condition>-seed<k>/ (train.py's run folder, final adapter final.safetensors;
 RUNS is --runs, by default --out) and is evaluated greedily on the held-out set in RUNS/<condition>-seed<k>/eval/

@@ -6,7 +6,8 @@ for --resume) and, with --report-to, the tracker's files. Nothing finished is ev
 atomically (data.write_atomic), a log line all or nothing, and a resumed run drops the lines of steps after its
 checkpoint and redoes them exactly. A start that fails leaves nothing behind: the folder is made only once the
 flags, the data and the model have all been checked (Folder.begin). A folder holds one live run (Folder.hold),
-and `--out FOLDER --resume` needs nothing else: the run's flags are in its config.json (resumed_flags).
+and `--out FOLDER --resume` needs nothing else: the run's flags are in its config.json (resumed_flags), but for
+a --ckpt outside the folder, which is given again (resume_command says so).
 """
 
 import argparse
@@ -136,7 +137,7 @@ def parser(doc):
     g.add_argument("--seed", type=cli.seed, default=0,
                    help="seeds the pool, the labeled draw, the order and the samples")
     g.add_argument("--out", default="runs/train", help="run folder: config.json, metrics.jsonl, checkpoints")
-    g.add_argument("--ckpt", default="ckpt.safetensors", help="where the final adapter is written")
+    g.add_argument("--ckpt", default=CKPT, help="where the final adapter is written")
     g.add_argument("--save-every", type=cli.count, default=25, help="checkpoint every K steps (and at each epoch end)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its own flags (config.json)")
@@ -148,6 +149,8 @@ def parser(doc):
 
 
 RUN_FILES = {"config.json", "metrics.jsonl", "state.pt", "paraphrases.json", "wandb-id", "tensorboard"}
+
+CKPT = "ckpt.safetensors"   # --ckpt's default: the final adapter in the folder the command runs in
 
 # The flags that change no result: they may differ when a run is resumed. A run folder is the run wherever it
 # is moved and however its path is spelled (--out); the others say where, how fast and how far it goes.
@@ -240,8 +243,9 @@ def resumed_flags(make_parser, argv, args):
         if config[key] != now:
             differ.append(f"--{key.replace('_', '-')} {config[key]} (given: {getattr(args, key)})")
     if differ:
-        raise UserError(f"{args.out} is a run with other flags: {'; '.join(differ)}. Resume it with `--out "
-                        f"{args.out} --resume` alone, or choose another --out for these flags")
+        raise UserError(f"{args.out} is a run with other flags: {'; '.join(differ)}. Resume it with "
+                        f"`{resume_command(args.out, config.get('ckpt', CKPT))}` alone, or choose another --out for "
+                        "these flags")
     # where and how far this start goes is its own; the rest is the run's
     kept = {k: v for k, v in config.items()
             if k in vars(args) and k not in given and k not in ("out", "resume", "max_steps", "device")}
@@ -257,10 +261,21 @@ def resumed_flags(make_parser, argv, args):
     # a path read back is written to only where the run's own files are, or where a start without it writes:
     # a config.json edited to name a file elsewhere does not send the final adapter there unasked
     ckpt = kept.get("ckpt")
-    if ckpt not in (None, make_parser().get_default("ckpt")) and not inside_folder(args.out, os.path.abspath(ckpt)):
+    if ckpt is not None and not ckpt_read_back(args.out, ckpt):
         raise UserError(f"{path} names --ckpt {ckpt}, outside the run folder: to write the final adapter there, "
-                        f"say so (--out {args.out} --resume --ckpt {ckpt}), or pass another --ckpt")
+                        f"say so, `{resume_command(args.out, ckpt)}`, or pass another --ckpt")
     return resumed
+
+
+def ckpt_read_back(out, ckpt):
+    """Whether a resume takes --ckpt from the run's config.json unasked: where the run's own files are, or where a
+    start without --ckpt writes. Anywhere else it is said again (resume_command)."""
+    return ckpt == CKPT or inside_folder(out, os.path.abspath(ckpt))
+
+
+def resume_command(out, ckpt):
+    """The command that resumes the run in `out`, whose final adapter goes to `ckpt`."""
+    return f"python train.py --out {out} --resume" + ("" if ckpt_read_back(out, ckpt) else f" --ckpt {ckpt}")
 
 
 def as_flag(key, value):
@@ -411,7 +426,7 @@ class Folder:
             print(f"adapter written to {args.ckpt} and, for PEFT, {lora.peft_folder_of(args.ckpt)}/ (run folder: "
                   f"{args.out})")
         elif self.rank == 0:
-            print(f"stopped at step {end} of {total_steps}; continue with --resume (run folder: {args.out})")
+            print(f"stopped at step {end} of {total_steps}; continue with `{resume_command(args.out, args.ckpt)}`")
 
 
 def run_config(args):

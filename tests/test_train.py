@@ -205,7 +205,7 @@ def records(folder):
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in open(folder / "metrics.jsonl")]
 
 
-def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatted):
+def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatted, capsys):
     model_dir, questions = formatted
     full = train_run(tmp_path, model_dir, questions)
     log = records(full)
@@ -244,13 +244,16 @@ def test_end_to_end_run_trains_checkpoints_and_resumes_exactly(tmp_path, formatt
     assert not (tmp_path / "part.safetensors").exists() and len(records(part)) == 5
     with open(part / "metrics.jsonl", "a") as f:   # a step logged after the last checkpoint, then a crash
         f.write(json.dumps({"step": 5, "reward": -1}) + "\n")
-    # the run's flags come from its folder; a path it would write, outside it, only when said again
+    # the run's flags come from its folder; a path it would write, outside it, only when said again: the command
+    # the stop printed says so, and it works
+    said = capsys.readouterr().out.split("stopped at step 5 of 8; continue with `")[1].split("`")[0]
+    assert said == f"python train.py --out {part} --resume --ckpt {tmp_path / 'part.safetensors'}"
     before = snapshot(part)
     with pytest.raises(UserError, match=f"names --ckpt {tmp_path / 'part.safetensors'}, outside the run folder: to "
-                                        f"write the final adapter there, say so \\(--out {part} --resume --ckpt"):
+                                        f"write the final adapter there, say so, `{said}`"):
         train.main(["--out", str(part), "--resume"])
     assert snapshot(part) == before
-    train.main(["--out", str(part), "--resume", "--ckpt", str(tmp_path / "part.safetensors"), "--save-every", "2"])
+    train.main(said.split()[2:])
     assert records(part) == log
     from safetensors.torch import load_file
     a, b = load_file(str(final)), load_file(str(tmp_path / "part.safetensors"))
@@ -378,7 +381,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_tied, capsys):
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         train.main(args)
     with pytest.raises(UserError, match=r"is a run with other flags: --lr 0.0001 \(given: 0.5\)\. Resume it with "
-                                        r"`--out .*r --resume` alone"):
+                                        r"`python train.py --out .*r --resume --ckpt .*c` alone"):
         train.main(args + ["--resume", "--lr", "0.5"])
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     del config["credit"]   # a run begun before --credit existed resumes: the flag had its default then
