@@ -437,9 +437,9 @@ def instance_plot(args, table, results, path):
     ax.axvline(0.6, color="C3", lw=0.8, ls=":", label="0.60")
     ax.set_yticks(range(len(rows)), [label for _, label in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0.4, 0.75)
+    ax.set_xlim(0.4, 1.0)
     ax.set_xlabel("AUROC within fame (held out; mean over the four classes, weighted by size)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     data.write_atomic(os.path.join(args.out, path), evaluation.png(fig))
 
