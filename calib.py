@@ -72,11 +72,12 @@ def parse(response):
     return (answer or None), (confidence_value(*found[-1]) if found else None)
 
 
-def confidence_at(response):
-    """Where the confidence that parse() reads begins in the response (the index of its label), or None."""
-    kept = [i for i, ch in enumerate(response) if ch != "*"]   # parse() reads the response without its `*`s
+def confidence_at(response, value=False):
+    """Where the confidence that parse() reads begins in the response: the index of its label, or with value=True
+    of its value (after the label as written, `**Confidence:** ` say); None when there is none."""
+    kept = [i for i, ch in enumerate(response) if ch != "*"] + [len(response)]   # parse() reads it without `*`s
     found = list(CONFIDENCE.finditer(response.replace("*", "")))
-    return kept[found[-1].start()] if found else None
+    return kept[found[-1].start(1 if value else 0)] if found else None
 
 
 def confidence_value(number, percent):

@@ -212,23 +212,25 @@ def probe_features(model, prompts, completions):
 
 def expected_confidences(model, tok, prompts, greedy):
     """--expected-confidence: for each greedy response, E[c] = sum_v v p(v) over the values v in STATED_VALUES,
-    p(v) the model's probability of the string "v%" right after the response up to its confidence label (written
-    "Confidence: "), normalized over the values; None where the response states no confidence. A confidence is
-    stated digit by digit and read greedily, so the string is the mode of this distribution: a policy that puts
-    60% on "30%" and 40% on "90%" says 30% whatever the split. The mean keeps the split. No answer changes."""
+    p(v) the model's probability of the string "v%" right after the response's own confidence label (up to where
+    its stated value begins), normalized over the values; None where the response states no confidence. A
+    confidence is stated digit by digit and read greedily, so the string is the mode of this distribution: a
+    policy that puts 60% on "30%" and 40% on "90%" says 30% whatever the split. The mean keeps the split. No
+    answer changes. Values are scored as percentages whatever form the response used."""
     candidates = [tok.encode(f"{v}%") for v in STATED_VALUES]
     stated = [j for j, out in enumerate(greedy) if calib.parse(out.text)[1] is not None]
-    prefixes = [tok.encode(greedy[j].text[:calib.confidence_at(greedy[j].text)] + "Confidence: ") for j in stated]
     expected = [None] * len(greedy)
     if not stated:
         return expected
-    with torch.no_grad():   # each prompt + prefix once, its candidates after it (train.completion_logprobs)
-        logp, _ = train.completion_logprobs(model, [prompts[j] for j in stated],
-                                            [prefix + c for prefix in prefixes for c in candidates], len(candidates))
+    # each prompt + response up to the value is a prompt of its own, computed once for its candidates
+    contexts = [prompts[j] + tok.encode(greedy[j].text[:calib.confidence_at(greedy[j].text, value=True)])
+                for j in stated]
+    with torch.no_grad():
+        logp, _ = train.completion_logprobs(model, contexts, candidates * len(stated), len(candidates))
     values = torch.tensor(STATED_VALUES, dtype=torch.float) / 100
-    for k, (j, prefix) in enumerate(zip(stated, prefixes)):
-        rows = logp[k * len(candidates):(k + 1) * len(candidates), len(prefix):].sum(1).float().cpu()
-        expected[j] = float(torch.softmax(rows, 0) @ values)
+    for k, j in enumerate(stated):   # log p(candidate) = the sum of its tokens' (padding is 0)
+        scores = logp[k * len(candidates):(k + 1) * len(candidates)].sum(1).float().cpu()
+        expected[j] = float(torch.softmax(scores, 0) @ values)
     return expected
 
 
@@ -291,7 +293,7 @@ def figures(records, group_by=None):
         rows = [r for r in records if r["expected_confidence"] is not None]
         expected, right = [r["expected_confidence"] for r in rows], [r["correct"] for r in rows]
         result["auroc_expected_confidence"] = calib.auroc(expected, right)
-        result["ece_expected_confidence"] = calib.ece(expected, right)
+        result["ece_expected_confidence"] = calib.ece(expected, right) if rows else np.nan
         result["calibration_gap_expected_confidence"] = float(np.mean(expected) - np.mean(right)) if rows else np.nan
         if group_by:
             result["expected_confidence_auroc_within_group"] = calib.grouped_auroc(

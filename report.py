@@ -104,8 +104,8 @@ def claims_markdown(args):
 # ----------------------------------------------------------------------------------------------------------
 # The report: the paper's figures beside ours, training curves, reliability diagrams.
 
-PERCENT = {"accuracy", "calibration_gap", "ece", "ece_expected_confidence", "gap_reduction", "parse_failure_rate", "confidence_when_correct",
-           "confidence_when_wrong", "abstention_rate", "mean_confidence"}
+PERCENT = {"accuracy", "calibration_gap", "ece", "ece_expected_confidence", "gap_reduction", "parse_failure_rate",
+           "confidence_when_correct", "confidence_when_wrong", "abstention_rate", "mean_confidence"}
 SIGNED = {"calibration_gap"}
 NAMES = {"accuracy": "accuracy", "calibration_gap": "calibration gap", "auroc": "AUROC", "ece": "ECE",
          "auroc_within_group": "AUROC within kind", "auroc_group_base_rate": "AUROC of per-kind accuracy",

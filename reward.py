@@ -16,11 +16,13 @@ correctness term for that reason; `correct_weight` W adds W * correct on labeled
 negative W pays wrong answers outright: the positive control of `experiments.py stress`, which asks whether RL
 can move the model's answers at all at a given dose; it is not a method.
 
-Both are proper scores: a rollout maximizes its expected reward by stating its probability of being right. They
-differ in curvature, which is what pays for resolution (telling right from wrong within a class of questions):
-Brier's penalty is the same parabola everywhere, so stating 30% instead of 10% about a question that is right
+Brier and the log score are proper scores: a rollout maximizes its expected reward by stating its probability
+of being right. They differ in curvature, which is what pays for resolution (telling right from wrong within a
+class of questions): Brier's penalty is the same parabola everywhere, so stating 30% instead of 10% about a question that is right
 10% of the time costs little; the log score's penalty grows without bound near 0 and 1 (clipped here at 1%), so
-the same mistake costs far more (`--labeled-reward log`, a departure tested by experiments.py instance).
+the same mistake costs far more (`--labeled-reward log`, a departure tested by experiments.py instance). It
+changes the scale too: labeled rewards lie in [log 0.01, 0] against the stability reward's [0, 1], so in a mix
+the labeled questions' advantages weigh several times more.
 
 Below c = 0.5 the Brier reward pays a wrong answer more than a right one stated at the same confidence c, by
 1 - 2c: on a question the policy gets partly right but states low confidence about, the advantage pushes the

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 import uuid
 
@@ -35,6 +36,7 @@ from model import inside_folder, model_id
 from parallel import barrier
 
 LR, TINY_LR = 1e-4, 3e-4   # --lr's defaults
+CKPT = "ckpt.safetensors"   # --ckpt's default: the final adapter in the folder the command runs in
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,8 +103,8 @@ def parser(doc):
     g.add_argument("--supervised-bound", action="store_true",
                    help="a diagnostic, not the method: instead of REINFORCE, fit the same LoRA by cross-entropy on "
                         "the confidence tokens of its own rollouts, each rewritten to state its question's share of "
-                        "right answers among the N (train.py:supervised_targets): what the adapter can learn to say "
-                        "when told, an upper bound for what RL teaches it")
+                        "right answers among the N (train.py:supervised_targets): what the adapter learns to say "
+                        "when told")
     g.add_argument("--rollouts", type=cli.count, default=8, help="answers sampled per question (N, at least 2)")
     g.add_argument("--paraphrases", type=cli.count, default=1, metavar="K",
                    help="ask each question K ways, N / K rollouts each, and measure its stability over all N "
@@ -149,8 +151,6 @@ def parser(doc):
 
 
 RUN_FILES = {"config.json", "metrics.jsonl", "state.pt", "paraphrases.json", "wandb-id", "tensorboard"}
-
-CKPT = "ckpt.safetensors"   # --ckpt's default: the final adapter in the folder the command runs in
 
 # The flags that change no result: they may differ when a run is resumed. A run folder is the run wherever it
 # is moved and however its path is spelled (--out); the others say where, how fast and how far it goes.
@@ -274,8 +274,9 @@ def ckpt_read_back(out, ckpt):
 
 
 def resume_command(out, ckpt):
-    """The command that resumes the run in `out`, whose final adapter goes to `ckpt`."""
-    return f"python train.py --out {out} --resume" + ("" if ckpt_read_back(out, ckpt) else f" --ckpt {ckpt}")
+    """The command that resumes the run in `out`, whose final adapter goes to `ckpt` (quoted for a shell)."""
+    return f"python train.py --out {shlex.quote(out)} --resume" + \
+        ("" if ckpt_read_back(out, ckpt) else f" --ckpt {shlex.quote(ckpt)}")
 
 
 def as_flag(key, value):

@@ -34,7 +34,8 @@ Flags that depart from the paper's estimator (its choice is each one's default, 
   --mix-schedule START:END   a curriculum of the labeled share;
   --labeled-reward log       the log score instead of Brier on labeled questions (reward.py: steeper near 0 and 1).
 And one diagnostic that is not the method: --supervised-bound fits the same LoRA by cross-entropy to told
-confidences (supervised_targets), the upper bound of what the adapter can learn to say.
+confidences (supervised_targets): what the adapter learns to say when told (meant as an upper bound for RL; on
+the tiny world it is not one, docs/results.md).
 
 This file is the method and its loop; the flags and the run folder (config, metrics log, checkpoints, resume,
 trackers) are in run.py.
@@ -74,7 +75,7 @@ class Graded:
     method."""
     index: int         # the question's index in the training pool (its rollouts' seeds, its labeled draw)
     question: dict     # {"question": ..., "answers": [...], ...}
-    labeled: bool      # rewarded by the Brier score (True) or by stability (False)
+    labeled: bool      # rewarded by the labeled reward, Brier or --labeled-reward (True), or by stability (False)
     completions: list  # its N rollouts, each a rollout.Completion: token ids, the sampler's log-probs, the text
     rewards: list      # R_i of each rollout (reward.group_rewards)
     grading: dict      # what the reward read: stability, unlabeled_target, correct, confidence, parsed, abstained
@@ -158,7 +159,8 @@ def supervised_targets(tok, graded):
     seed 0: only those two, within fame 0.54 on its own training questions, where the told shares rank at 0.98);
     five bins with distinct first digits make the first token choose the bin.
     If the adapter learns to rank within a fame class this way, it can carry that signal and RL does not deliver
-    it; if not, the adapter or the world is the limit. Returns (completions, advantages, starts) for learn()."""
+    it; if not, the adapter or the world is the limit. Whatever followed the confidence in a rollout is dropped.
+    Returns (completions, advantages, starts) for learn()."""
     out, advantages, starts = [], [], []
     for q in graded:
         target = 10 + 20 * min(4, int(5 * float(np.mean(q.grading["correct"]))))   # percent: 10, 30, ..., 90

@@ -202,3 +202,11 @@ def test_the_probe_recovers_a_known_signal_and_never_scores_a_question_it_was_fi
     w, b = calib.logistic_fit(identity, labels.astype(float), l2=0.01)
     assert calib.auroc(identity @ w + b, labels) == 1.0
     assert calib.auroc(calib.probe_scores(identity, labels), labels) < 0.6
+
+
+def test_confidence_at_finds_the_label_and_the_value_as_written():
+    for text, label, value in (("Answer: 4\nConfidence: 80%", "Confidence: 80%", "80%"),
+                               ("Answer: 4\n**Confidence:** 80%", "Confidence:** 80%", "80%"),
+                               ("confidence=0.7 and Confidence:  90%", "Confidence:  90%", "90%")):
+        assert text[calib.confidence_at(text):] == label and text[calib.confidence_at(text, value=True):] == value
+    assert calib.confidence_at("Answer: 4") is None and calib.confidence_at("Answer: 4", value=True) is None

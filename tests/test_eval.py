@@ -336,20 +336,21 @@ def test_the_expected_confidence_is_the_mean_of_the_models_own_distribution_over
     from model import ChatTokenizer
     from rollout import Completion
     model, tok = load_model(tiny_untied), ChatTokenizer(tiny_untied)
-    prompts = [tok.encode("Question: 2 plus 2?"), tok.encode("Question: where?")]
-    greedy = [Completion(0, [], [], "Answer: 4\nConfidence: 80%", True), Completion(1, [], [], "Answer: x", True)]
+    prompts = [tok.encode("Question: 2 plus 2?"), tok.encode("Question: where?"), tok.encode("Question: 3?")]
+    greedy = [Completion(0, [], [], "Answer: 4\nConfidence: 80%", True), Completion(1, [], [], "Answer: x", True),
+              Completion(2, [], [], "Answer: 3\n**confidence:** 0.7", True)]   # the model's own label is kept
     expected = evaluation.expected_confidences(model, tok, prompts, greedy)
     assert expected[1] is None
-    prefix = tok.encode("Answer: 4\nConfidence: ")
-    scores = []
-    with torch.no_grad():
-        for v in evaluation.STATED_VALUES:
-            ids = tok.encode(f"{v}%")
-            logits = model(torch.tensor([prompts[0] + prefix + ids]))[0].float().log_softmax(-1)
-            start = len(prompts[0]) + len(prefix)
-            scores.append(sum(logits[start - 1 + t, i].item() for t, i in enumerate(ids)))
-    p = np.exp(np.array(scores) - max(scores))
-    assert expected[0] == pytest.approx(float(p @ np.array(evaluation.STATED_VALUES)) / 100 / p.sum(), abs=1e-5)
+    for j, prefix in ((0, tok.encode("Answer: 4\nConfidence: ")), (2, tok.encode("Answer: 3\n**confidence:** "))):
+        scores = []
+        with torch.no_grad():
+            for v in evaluation.STATED_VALUES:
+                ids = tok.encode(f"{v}%")
+                logits = model(torch.tensor([prompts[j] + prefix + ids]))[0].float().log_softmax(-1)
+                start = len(prompts[j]) + len(prefix)
+                scores.append(sum(logits[start - 1 + t, i].item() for t, i in enumerate(ids)))
+        p = np.exp(np.array(scores) - max(scores))
+        assert expected[j] == pytest.approx(float(p @ np.array(evaluation.STATED_VALUES)) / 100 / p.sum(), abs=1e-5)
     # its figures: the measures of the stated confidence, of the mean; a response without one is left out
     records = [{"confidence": 0.8, "correct": y, "abstained": False, "alternative": False, "stability": None,
                 "expected_confidence": e, "fame": f} for y, e, f in
