@@ -173,10 +173,11 @@ def parse_args(argv, doc):
                 f"--paraphrases {len(calib.PARAPHRASE_PROMPTS) + 1} at most")
     if args.stability_target == "platt" and max(args.mix_schedule or (args.mix,)) == 0:
         p.error("--stability-target platt fits P(correct | s) to labeled questions: it needs --mix above 0")
-    if args.supervised_bound and (args.credit, args.stability_target, args.correct_weight, args.labeled_reward) != \
-            ("all", "raw", 0.0, "brier"):
-        p.error("--supervised-bound learns from no reward: --credit, --stability-target, --correct-weight and "
-                "--labeled-reward do not apply to it")
+    rewarding = [f"--{key.replace('_', '-')}" for key in ("credit", "stability_target", "correct_weight",
+                                                          "labeled_reward") if getattr(args, key) != p.get_default(key)]
+    if args.supervised_bound and rewarding:
+        p.error(f"--supervised-bound learns from no reward: {', '.join(rewarding)} "
+                f"{'does' if len(rewarding) == 1 else 'do'} not apply to it")
     if args.lr is None:
         args.lr = TINY_LR if args.model == "tiny" else LR
     cli.check_writable(args.out, "--out", folder=True)
